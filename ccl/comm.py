@@ -1,0 +1,532 @@
+"""The Communicator: owns the mailboxes, the algorithm dispatch and the fallback chain.
+
+Data flows one way (DESIGN.md §2): op call -> Communicator -> kernel (reads its own inbox,
+writes peers' inboxes through the transport's mappings). The Communicator validates input,
+picks the algorithm from ``ccl.tuning`` and delegates what the mailboxes cannot carry to the
+wrapped torch.distributed backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ccl import _C, tuning
+from ccl.errors import (
+    CclError,
+    CollectiveMismatch,
+    CollectiveTimeout,
+    CommunicatorClosed,
+    ConfigError,
+)
+from ccl.rendezvous import Exchange, MpiExchange, StoreExchange, env_store, exchange_fds
+from ccl.transport import host as host_transport
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Communicator", "NormStyle", "ReduceOp"]
+
+DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 120.0
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
+_OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake"}
+
+_OK, _TIMEOUT, _MISMATCH = 0, 1, 2
+
+_comm_ids = itertools.count()
+
+
+class NormStyle(enum.Enum):
+    """How the RMSNorm weight is applied: ``w`` (Llama) or ``1 + w`` (Gemma)."""
+
+    STANDARD = "standard"
+    GEMMA = "gemma"
+
+
+class ReduceOp(enum.Enum):
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+    MIN = "min"
+
+
+def _env_float(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    return float(v) if v else default
+
+
+class _Fallback:
+    """The wrapped backend: a torch.distributed process group or an mpi4py communicator."""
+
+    def __init__(self, group=None, mpi_comm=None):
+        self.group = group
+        self.mpi_comm = mpi_comm
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp) -> None:
+        if self.group is not None:
+            import torch.distributed as dist
+
+            rop = {
+                ReduceOp.SUM: dist.ReduceOp.SUM,
+                ReduceOp.AVG: dist.ReduceOp.SUM,
+                ReduceOp.MAX: dist.ReduceOp.MAX,
+                ReduceOp.MIN: dist.ReduceOp.MIN,
+            }[op]
+            if isinstance(self.group, dist.ProcessGroup) and not _is_registered(self.group):
+                opts = dist.AllreduceOptions()
+                opts.reduceOp = rop
+                self.group.allreduce([tensor], opts).wait()
+            else:
+                dist.all_reduce(tensor, op=rop, group=self.group)
+            if op is ReduceOp.AVG:
+                tensor.div_(self.world_size())
+            return
+        if self.mpi_comm is not None:
+            from mpi4py import MPI
+
+            work = tensor if tensor.dtype == torch.float32 else tensor.float()
+            mop = {ReduceOp.SUM: MPI.SUM, ReduceOp.AVG: MPI.SUM, ReduceOp.MAX: MPI.MAX,
+                   ReduceOp.MIN: MPI.MIN}[op]
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, work.numpy(), op=mop)
+            if op is ReduceOp.AVG:
+                work.div_(self.mpi_comm.Get_size())
+            if work is not tensor:
+                tensor.copy_(work)
+            return
+        raise CclError("no wrapped backend")  # guarded by the caller
+
+    def world_size(self) -> int:
+        return self.group.size()
+
+    def __bool__(self) -> bool:
+        return self.group is not None or self.mpi_comm is not None
+
+
+def _is_registered(group) -> bool:
+    import torch.distributed as dist
+
+    try:
+        dist.get_rank(group)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _bootstrap(group: Any, timeout_s: float) -> tuple[Exchange, _Fallback]:
+    """An all-gather exchange for setup, and the backend used above mailbox capacity."""
+    if group is not None and type(group).__module__.startswith("mpi4py"):
+        return MpiExchange(group), _Fallback(mpi_comm=group)
+
+    import torch.distributed as dist
+
+    if group is None and not dist.is_initialized():
+        if "RANK" in os.environ and "MASTER_PORT" in os.environ:
+            store, rank, world = env_store(timeout_s)
+            # A private gloo group on the same store is the wrapped backend.
+            pg = dist.ProcessGroupGloo(
+                dist.PrefixStore("ccl/gloo", store), rank, world, timedelta(seconds=timeout_s)
+            )
+            return StoreExchange(store, rank, world, f"ccl/env/{next(_comm_ids)}"), _Fallback(group=pg)
+        raise ConfigError(
+            "Communicator() needs a bootstrap: pass a torch.distributed group, an mpi4py "
+            "communicator, call torch.distributed.init_process_group first, or set RANK, "
+            "WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+        )
+    pg = group if group is not None else dist.group.WORLD
+    store = dist.distributed_c10d._get_default_store()
+    rank = dist.get_rank(pg)
+    world = dist.get_world_size(pg)
+    # Group names are identical on every rank, and the counter advances identically as long
+    # as communicators over a group are created in the same order everywhere (as NCCL needs).
+    name = dist.distributed_c10d._get_group_tag(pg) or "world"
+    prefix = f"ccl/{name}/{next(_comm_ids)}"
+    return StoreExchange(store, rank, world, prefix), _Fallback(group=pg)
+
+
+class Communicator:
+    """Communicator(group=None, *, max_bytes=None, timeout=None, fd_exchange=None)
+
+    Mailbox collectives among the ranks of ``group``. This is a collective operation: every
+    rank of the group must construct it, in the same order relative to other communicators.
+
+    ``group`` is a torch.distributed ProcessGroup (default: the world group), an mpi4py
+    communicator, or None with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set.
+    ``max_bytes`` is the largest payload carried through the mailboxes (env
+    ``CCL_MAX_BYTES``, default 1 MiB); larger calls go to the wrapped backend (gloo, or MPI).
+    ``timeout`` bounds every wait, in seconds (env ``CCL_TIMEOUT_S``, default 120); on expiry
+    the call raises :class:`CollectiveTimeout` naming the missing ranks.
+    ``fd_exchange`` is "socket" (SCM_RIGHTS, default) or "pidfd" (env ``CCL_FD_EXCHANGE``).
+    """
+
+    transport = "host"
+
+    def __init__(
+        self,
+        group: Any = None,
+        *,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
+        fd_exchange: str | None = None,
+    ):
+        self._mailbox = None  # set last: a half-built communicator has no mailbox
+        self._region = None
+        self._broken: str | None = None
+        max_bytes = int(max_bytes or os.environ.get("CCL_MAX_BYTES", DEFAULT_MAX_BYTES))
+        timeout = float(timeout or _env_float("CCL_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        fd_exchange = fd_exchange or os.environ.get("CCL_FD_EXCHANGE", "socket")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+
+        availability = host_transport.availability()
+        if not availability:
+            raise CclError(f"host transport unavailable: {availability.reason}")
+
+        exchange, self._fallback = _bootstrap(group, timeout)
+        self.rank = exchange.rank
+        self.world_size = exchange.world_size
+        if self.world_size > _C.host.MAX_WORLD:
+            raise ConfigError(
+                f"world size {self.world_size} exceeds the mailbox limit {_C.host.MAX_WORLD}"
+            )
+        configs = exchange.all_gather(max_bytes)
+        if len(set(configs)) != 1:
+            raise ConfigError(
+                f"ranks disagree on max_bytes: {dict(enumerate(configs))}; set the same "
+                "max_bytes / CCL_MAX_BYTES on every rank"
+            )
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._two_shot_above = tuning.two_shot_threshold(self.transport, self.world_size)
+
+        region = host_transport.HostRegion(self.world_size, self.rank, max_bytes)
+        try:
+            fds = exchange_fds(exchange, region.fd, method=fd_exchange, timeout_s=timeout)
+            for peer, fd in fds.items():
+                region.import_peer(peer, fd)
+            region.verify_peers()
+            self._mailbox = _C.host.HostMailbox(
+                self.rank, self.world_size, region.bases, max_bytes, timeout
+            )
+        except BaseException:
+            region.close()
+            raise
+        self._region = region
+        logger.info(
+            "ccl: rank %d/%d host mailboxes up (capacity %d B, timeout %.0f s, fd exchange %s)",
+            self.rank, self.world_size, max_bytes, timeout, fd_exchange,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Unmaps every mailbox and closes its fds. Local, idempotent."""
+        self._mailbox = None
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_region", None) is not None:
+            warnings.warn(
+                "ccl.Communicator was not closed; call close() or use it as a context manager",
+                ResourceWarning,
+                stacklevel=2,
+            )
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._mailbox is None
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last call (advanced by every op, on every rank)."""
+        return self._live().seq
+
+    # ------------------------------------------------------------------ ops
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceOp | str = ReduceOp.SUM,
+        *,
+        out: torch.Tensor | None = None,
+        algorithm: str | None = None,
+    ) -> torch.Tensor:
+        """all_reduce(tensor, op=SUM, *, out=None, algorithm=None) -> Tensor
+
+        Sum of ``tensor`` over all ranks (AVG, MAX, MIN also accepted; MAX/MIN go to the
+        wrapped backend). In place unless ``out`` is given. This is a collective operation.
+        fp32 accumulation in rank order: every rank gets a bitwise-identical result.
+        ``algorithm`` forces "one_shot" or "two_shot" (all ranks must pass the same).
+        """
+        mailbox = self._live()
+        code = self._check(tensor, "tensor")
+        if out is None:
+            out = tensor
+        elif out.dtype != tensor.dtype or out.shape != tensor.shape or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+                f", got {out.dtype} {tuple(out.shape)}"
+            )
+        if not isinstance(op, ReduceOp):
+            op = ReduceOp(op)
+        numel = tensor.numel()
+        nbytes = numel * tensor.element_size()
+        if nbytes > self.max_bytes or op in (ReduceOp.MAX, ReduceOp.MIN):
+            self._handshake(1, code, numel, 0, 0.0)
+            if out is not tensor:
+                out.copy_(tensor)
+            self._delegate(out, op, nbytes)
+            return out
+        algo = self._algorithm(nbytes, algorithm)
+        st = mailbox.all_reduce(tensor.data_ptr(), out.data_ptr(), numel, code, algo)
+        if st:
+            self._raise(st)
+        if op is ReduceOp.AVG:
+            out.div_(self.world_size)
+        return out
+
+    def all_reduce_add_rms_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float = 1e-6,
+        *,
+        norm_style: NormStyle = NormStyle.STANDARD,
+        out: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None,
+        algorithm: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """all_reduce_add_rms_norm(x, residual, weight, eps=1e-6, *, norm_style=STANDARD,
+        out=None, residual_out=None) -> (out, residual_out)
+
+        ``residual_out = sum_r x_r + residual`` (``residual`` may be None: then
+        ``residual_out = sum_r x_r``), ``out = residual_out * rsqrt(mean(residual_out², -1) +
+        eps) * w`` with ``w = weight`` (STANDARD) or ``1 + weight`` (GEMMA). fp32 math
+        without intermediate rounding, results stored in x's dtype. This is a collective
+        operation. Outputs may alias ``x`` / ``residual`` (in place, as vLLM's
+        fused_add_rms_norm); they are allocated when not given.
+        """
+        mailbox = self._live()
+        code = self._check(x, "x")
+        if x.dim() < 1 or x.shape[-1] == 0:
+            raise ValueError(f"x must have a non-empty last dimension, got {tuple(x.shape)}")
+        cols = x.shape[-1]
+        rows = x.numel() // cols
+        self._check_like(weight, x, "weight", (cols,))
+        if residual is not None:
+            self._check_like(residual, x, "residual", tuple(x.shape))
+        out = self._output(out, x, "out")
+        residual_out = self._output(residual_out, x, "residual_out")
+        gemma = NormStyle(norm_style) is NormStyle.GEMMA
+        nbytes = x.numel() * x.element_size()
+        if nbytes > self.max_bytes:
+            self._handshake(2, code, x.numel(), cols, eps)
+            summed = x.clone()
+            self._delegate(summed, ReduceOp.SUM, nbytes)
+            from ccl.kernels.reference import add_rms_norm_reference
+
+            o, r = add_rms_norm_reference(summed, residual, weight, eps, gemma=gemma)
+            out.copy_(o)
+            residual_out.copy_(r)
+            return out, residual_out
+        algo = self._algorithm(nbytes, algorithm)
+        st = mailbox.add_rms_norm(
+            x.data_ptr(),
+            residual.data_ptr() if residual is not None else 0,
+            weight.data_ptr(),
+            out.data_ptr(),
+            residual_out.data_ptr(),
+            rows,
+            cols,
+            code,
+            float(eps),
+            gemma,
+            algo,
+        )
+        if st:
+            self._raise(st)
+        return out, residual_out
+
+    def qk_rms_norm(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        eps: float = 1e-6,
+        *,
+        q_out: torch.Tensor | None = None,
+        k_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """qk_rms_norm(q, k, q_weight, k_weight, eps=1e-6, *, q_out=None, k_out=None)
+        -> (q_out, k_out)
+
+        RMSNorm of TP-sharded q and k over their **full** (all-rank) last dimension
+        (MiniMax-M2): per token the local sums of squares ``[tokens, 2]`` fp32 are all-reduced
+        in the op, then ``q_out = q * rsqrt(sum_r ss_q / (q.shape[-1] * world) + eps) *
+        q_weight`` (k likewise), fp32 math stored in q's dtype. q and k are 2-D with unit
+        stride in the last dimension (rows may be strided, as slices of a fused qkv are).
+        This is a collective operation.
+        """
+        mailbox = self._live()
+        code = self._check_rows(q, "q")
+        if self._check_rows(k, "k") != code:
+            raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k need the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
+        self._check_like(q_weight, q, "q_weight", (q.shape[1],))
+        self._check_like(k_weight, k, "k_weight", (k.shape[1],))
+        q_out = self._row_output(q_out, q, "q_out")
+        k_out = self._row_output(k_out, k, "k_out")
+        rows = q.shape[0]
+        if 8 * rows > self.max_bytes:
+            raise ValueError(
+                f"qk_rms_norm of {rows} tokens needs {8 * rows} mailbox bytes, over the "
+                f"capacity {self.max_bytes} (raise max_bytes)"
+            )
+        st = mailbox.qk_rms_norm(
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0),
+            q_weight.data_ptr(), k_weight.data_ptr(), q_out.data_ptr(), k_out.data_ptr(),
+            q_out.stride(0), k_out.stride(0), rows, q.shape[1], k.shape[1], code, float(eps),
+        )
+        if st:
+            self._raise(st)
+        return q_out, k_out
+
+    # ------------------------------------------------------------------ internals
+    def _live(self):
+        mailbox = self._mailbox
+        if mailbox is None:
+            raise CommunicatorClosed(
+                self._broken or f"rank {getattr(self, 'rank', '?')}: the communicator is closed"
+            )
+        return mailbox
+
+    def _algorithm(self, nbytes: int, forced: str | None) -> int:
+        if forced is None:
+            return tuning.TWO_SHOT if nbytes > self._two_shot_above else tuning.ONE_SHOT
+        if forced == "one_shot":
+            return tuning.ONE_SHOT
+        if forced == "two_shot":
+            return tuning.TWO_SHOT
+        raise ValueError(f"algorithm must be 'one_shot' or 'two_shot', got {forced!r}")
+
+    def _check(self, t: torch.Tensor, name: str) -> int:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        code = _DTYPE_CODES.get(t.dtype)
+        if code is None:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16"
+            )
+        if not t.is_cpu:
+            raise ValueError(f"{name} is on {t.device}; the host communicator takes CPU tensors")
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
+                "pass tensor.contiguous()"
+            )
+        return code
+
+    def _check_rows(self, t: torch.Tensor, name: str) -> int:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        code = _DTYPE_CODES.get(t.dtype)
+        if code is None:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+        if not t.is_cpu:
+            raise ValueError(f"{name} is on {t.device}; the host communicator takes CPU tensors")
+        if t.dim() != 2 or t.stride(1) != 1 or t.shape[1] == 0:
+            raise ValueError(
+                f"{name} must be 2-D [tokens, dim] with unit stride in dim, got shape "
+                f"{tuple(t.shape)} stride {t.stride()}"
+            )
+        return code
+
+    def _check_like(self, t, ref, name, shape) -> None:
+        self._check(t, name)
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the input is {ref.dtype}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+    def _output(self, t, ref, name):
+        if t is None:
+            return torch.empty_like(ref)
+        self._check_like(t, ref, name, tuple(ref.shape))
+        return t
+
+    def _row_output(self, t, ref, name):
+        if t is None:
+            return torch.empty(ref.shape, dtype=ref.dtype)
+        if self._check_rows(t, name) != _DTYPE_CODES[ref.dtype] or t.shape != ref.shape:
+            raise ValueError(f"{name} must be {ref.dtype} of shape {tuple(ref.shape)}")
+        return t
+
+    def _handshake(self, op: int, code: int, numel: int, cols: int, eps: float) -> None:
+        st = self._live().handshake(op, code, numel, cols, float(eps))
+        if st:
+            self._raise(st)
+
+    def _delegate(self, tensor: torch.Tensor, op: ReduceOp, nbytes: int) -> None:
+        if not self._fallback:
+            raise ValueError(
+                f"payload of {nbytes} bytes exceeds the mailbox capacity {self.max_bytes} and "
+                "this communicator has no wrapped backend"
+            )
+        self._fallback.all_reduce(tensor, op)
+
+    def _raise(self, status: int):
+        err = self._mailbox.last_error()
+        if status == _TIMEOUT:
+            missing = [r for r in range(self.world_size) if err.missing_mask >> r & 1]
+            msg = (
+                f"rank {self.rank}: collective #{self._mailbox.seq} timed out after "
+                f"{self.timeout:.1f}s waiting for rank(s) {missing}; the communicator is "
+                "unusable now (close it and create a new one)"
+            )
+            self._broken = msg
+            self.close()
+            raise CollectiveTimeout(msg, missing, self.rank, self.timeout)
+        if status == _MISMATCH:
+            peer = err.mismatch_rank
+            raise CollectiveMismatch(
+                f"rank {peer} called {_describe(err.theirs)} but rank {self.rank} called "
+                f"{_describe(err.mine)}; every rank must make the same call",
+                self.rank,
+                peer,
+            )
+        raise CclError(f"rank {self.rank}: mailbox op failed with status {status}: {err.message}")
+
+
+def _describe(h) -> str:
+    op = h.op_dtype_flags >> 24
+    dt = (h.op_dtype_flags >> 16) & 0xFF
+    flags = h.op_dtype_flags & 0xFF
+    eps = torch.tensor([h.eps_bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    parts = [f"{_OP_NAMES.get(op, op)}({_CODE_NAMES.get(dt, dt)}, numel={h.numel}"]
+    if h.cols:
+        parts.append(f", cols={h.cols}")
+    if op in (2, 3):
+        parts.append(f", eps={eps.item():g}")
+    if flags & 0x80:
+        parts.append(", via the wrapped backend")
+    return "".join(parts) + ")"

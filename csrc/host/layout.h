@@ -1,0 +1,76 @@
+// Layout of one rank's mailbox region (host transport). Each rank owns one region; peers map
+// it and push into it. Offsets are computed here and nowhere else.
+//
+//   [0, kControlBytes)          ControlBlock (sequence number, status, identity)
+//   hop1[2 phases][world][slot_words]   LL8 packets: header + payload (one-shot) or shard
+//                                        (two-shot reduce-scatter), one slot per source rank
+//   hop2[2 phases][world][hop2_words]   LL8 packets: fp32 reduced shard pushed by its owner
+//                                        (two-shot all-gather)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/ll_packet.h"
+
+namespace ccl {
+
+constexpr uint64_t kMailboxMagic = 0x786f626c69616d63ull;  // "cmailbox"
+constexpr uint32_t kLayoutVersion = 1;
+constexpr size_t kControlBytes = 4096;
+constexpr int kPhases = 2;
+constexpr int kMaxWorld = 64;  // missing-rank reports are 64-bit masks
+
+struct alignas(64) ControlBlock {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t world;
+  uint32_t rank;
+  int32_t pid;
+  uint64_t capacity_bytes;
+  uint64_t region_bytes;
+  alignas(64) uint64_t seq;     // written only by the owning rank, by the op itself
+  alignas(64) uint64_t status;  // last error code of the owning rank (for probes / post-mortem)
+};
+static_assert(sizeof(ControlBlock) <= kControlBytes, "control block too large");
+
+inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+struct MailboxLayout {
+  int world = 0;
+  size_t capacity_bytes = 0;  // largest payload one rank may push in one call
+  size_t cap_words = 0;       // payload words (4 data bytes each)
+  size_t slot_words = 0;      // header + payload
+  size_t shard_words_max = 0; // largest two-shot shard, in payload words
+  size_t hop2_words = 0;      // fp32 words of the largest reduced shard
+  size_t hop1_offset = 0;
+  size_t hop2_offset = 0;
+  size_t region_bytes = 0;
+
+  static MailboxLayout make(int world, size_t capacity_bytes) {
+    MailboxLayout l;
+    l.world = world;
+    l.capacity_bytes = capacity_bytes;
+    l.cap_words = round_up((capacity_bytes + 3) / 4, 8);
+    l.slot_words = kHeaderWords + l.cap_words;
+    l.shard_words_max = round_up((l.cap_words + world - 1) / world, 8);
+    l.hop2_words = 2 * l.shard_words_max;  // a 16-bit payload word holds two elements
+    l.hop1_offset = kControlBytes;
+    l.hop2_offset = l.hop1_offset + sizeof(uint64_t) * kPhases * world * l.slot_words;
+    l.region_bytes =
+        round_up(l.hop2_offset + sizeof(uint64_t) * kPhases * world * l.hop2_words, 4096);
+    return l;
+  }
+
+  // Slot `src` of phase `phase` inside the region starting at `base`.
+  LL8Packet* hop1_slot(uint8_t* base, int phase, int src) const {
+    return reinterpret_cast<LL8Packet*>(base + hop1_offset) +
+           (static_cast<size_t>(phase) * world + src) * slot_words;
+  }
+  LL8Packet* hop2_slot(uint8_t* base, int phase, int src) const {
+    return reinterpret_cast<LL8Packet*>(base + hop2_offset) +
+           (static_cast<size_t>(phase) * world + src) * hop2_words;
+  }
+};
+
+}  // namespace ccl

@@ -1,0 +1,550 @@
+#include "host/mailbox.h"
+
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CCL_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CCL_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define CCL_CPU_RELAX() asm volatile("" ::: "memory")
+#endif
+
+namespace ccl {
+
+namespace {
+
+// Payload words are reduced in chunks of this many so that the fp32 accumulator stays in L1
+// while every source is added to it (rank order is kept within each chunk).
+constexpr int64_t kChunkWords = 512;
+// Every 2^31 calls each rank rewrites the unused tail of its slots with the current flag, so
+// no word keeps a flag older than 2^31 calls and a 32-bit flag can never match stale data
+// after the sequence number wraps (the "slot counter wraparound" hang of earlier designs).
+constexpr uint64_t kScrubPeriodMask = (1ull << 31) - 1;
+
+inline int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+inline size_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+inline int elems_per_word(DType dt) { return dt == DType::kFloat32 ? 1 : 2; }
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch does
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+inline uint16_t f32_to_f16(float f) {
+  _Float16 v = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+}
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float load_elem(const uint8_t* p, int64_t i, DType dt) {
+  switch (dt) {
+    case DType::kFloat32: {
+      float f;
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    }
+    case DType::kBFloat16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return bf16_to_f32(h);
+    }
+    default: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return f16_to_f32(h);
+    }
+  }
+}
+
+inline void store_elem(uint8_t* p, int64_t i, DType dt, float v) {
+  switch (dt) {
+    case DType::kFloat32:
+      std::memcpy(p + 4 * i, &v, 4);
+      break;
+    case DType::kBFloat16: {
+      uint16_t h = f32_to_bf16(v);
+      std::memcpy(p + 2 * i, &h, 2);
+      break;
+    }
+    default: {
+      uint16_t h = f32_to_f16(v);
+      std::memcpy(p + 2 * i, &h, 2);
+      break;
+    }
+  }
+}
+
+// Element `j` (0 or 1) of a payload word.
+inline float word_elem(uint32_t data, int j, DType dt) {
+  switch (dt) {
+    case DType::kFloat32:
+      return bits_to_f32(data);
+    case DType::kBFloat16:
+      return bf16_to_f32(static_cast<uint16_t>(data >> (16 * j)));
+    default:
+      return f16_to_f32(static_cast<uint16_t>(data >> (16 * j)));
+  }
+}
+
+// Payload word w of a raw buffer of nbytes (the last word is zero-padded).
+inline uint32_t raw_word(const uint8_t* p, size_t nbytes, int64_t w) {
+  uint32_t d = 0;
+  size_t off = static_cast<size_t>(w) * 4;
+  std::memcpy(&d, p + off, std::min<size_t>(4, nbytes - off));
+  return d;
+}
+
+}  // namespace
+
+struct HostMailbox::Call {
+  uint64_t seq;
+  int phase;
+  uint32_t flag;
+  int64_t deadline_ns;
+  bool scrub;
+};
+
+// Bounded spin. Pauses first (a peer on another core answers within a few hundred ns), then
+// yields the core on every retry so an oversubscribed job (more ranks than cores) still makes
+// progress, and checks the deadline now and then.
+class Spinner {
+ public:
+  Spinner(int64_t deadline_ns, int spin_before_yield)
+      : deadline_ns_(deadline_ns), spin_before_yield_(spin_before_yield) {}
+  inline bool again() {
+    ++spins_;
+    if (spins_ < spin_before_yield_) {
+      CCL_CPU_RELAX();
+      return true;
+    }
+    sched_yield();
+    if ((spins_ & 31) == 0 && now_ns() > deadline_ns_) return false;
+    return true;
+  }
+
+ private:
+  int64_t deadline_ns_;
+  int spin_before_yield_;
+  int64_t spins_ = 0;
+};
+
+namespace {
+
+inline bool wait_word(const LL8Packet* p, uint32_t flag, Spinner& s, uint32_t* data) {
+  uint64_t w = p->load();
+  while (LL8Packet::flag_of(w) != flag) {
+    if (!s.again()) return false;
+    w = p->load();
+  }
+  *data = LL8Packet::data_of(w);
+  return true;
+}
+
+// Push payload words [w0, w1) of `in` to dst[0 .. w1-w0).
+inline void push_words(LL8Packet* dst, const uint8_t* in, size_t nbytes, int64_t w0, int64_t w1,
+                       uint32_t flag) {
+  const int64_t full_end = std::min<int64_t>(w1, static_cast<int64_t>(nbytes / 4));
+  int64_t w = w0;
+  for (; w < full_end; ++w) {
+    uint32_t d;
+    std::memcpy(&d, in + 4 * w, 4);
+    dst[w - w0].store(d, flag);
+  }
+  for (; w < w1; ++w) dst[w - w0].store(raw_word(in, nbytes, w), flag);
+}
+
+inline void push_tail(LL8Packet* slot, size_t from, size_t to, uint32_t flag) {
+  for (size_t w = from; w < to; ++w) slot[w].store(0, flag);
+}
+
+// Adds (or, for the first source, assigns) source words [w0, w1) into acc[0 ..).
+// `words` is the source's packets, indexed from w0.
+inline bool accumulate_packets(const LL8Packet* words, int64_t w0, int64_t w1, int64_t n,
+                               DType dt, uint32_t flag, bool first, float* acc, Spinner& s) {
+  const int epw = elems_per_word(dt);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t d;
+    if (!wait_word(words + (w - w0), flag, s, &d)) return false;
+    for (int j = 0; j < epw; ++j) {
+      int64_t e = w * epw + j;
+      if (e >= n) break;
+      float v = word_elem(d, j, dt);
+      float* a = acc + (e - w0 * epw);
+      *a = first ? v : *a + v;
+    }
+  }
+  return true;
+}
+
+inline void accumulate_local(const uint8_t* in, int64_t e0, int64_t e1, DType dt, bool first,
+                             float* acc) {
+  for (int64_t e = e0; e < e1; ++e) {
+    float v = load_elem(in, e, dt);
+    acc[e - e0] = first ? v : acc[e - e0] + v;
+  }
+}
+
+}  // namespace
+
+HostMailbox::HostMailbox(int rank, int world, std::vector<uintptr_t> bases,
+                         size_t capacity_bytes, double timeout_s)
+    : rank_(rank), world_(world), layout_(MailboxLayout::make(world, capacity_bytes)) {
+  if (world < 1 || world > kMaxWorld) throw std::invalid_argument("world size out of range");
+  if (rank < 0 || rank >= world) throw std::invalid_argument("rank out of range");
+  if (static_cast<int>(bases.size()) != world)
+    throw std::invalid_argument("need one region base per rank");
+  for (uintptr_t b : bases) bases_.push_back(reinterpret_cast<uint8_t*>(b));
+  ctrl_ = reinterpret_cast<ControlBlock*>(bases_[rank_]);
+  set_timeout(timeout_s);
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  // With more ranks than cores a spinning rank steals the core its peer needs: yield at once.
+  spin_before_yield_ = (cores > 0 && world <= cores) ? 4096 : 8;
+}
+
+uint64_t HostMailbox::seq() const { return __atomic_load_n(&ctrl_->seq, __ATOMIC_RELAXED); }
+
+void HostMailbox::set_seq(uint64_t seq) { __atomic_store_n(&ctrl_->seq, seq, __ATOMIC_RELAXED); }
+
+HostMailbox::Call HostMailbox::begin_call() {
+  Call c;
+  c.seq = seq() + 1;
+  set_seq(c.seq);
+  c.phase = static_cast<int>(c.seq & 1);
+  c.flag = static_cast<uint32_t>(c.seq);
+  c.deadline_ns = now_ns() + timeout_ns_;
+  c.scrub = (c.seq & kScrubPeriodMask) < 2;
+  err_ = LastError{};
+  return c;
+}
+
+float* HostMailbox::scratch(size_t n) {
+  if (scratch_.size() < n) scratch_.resize(n);
+  return scratch_.data();
+}
+
+int HostMailbox::timeout_error(const Call& c, int waiting_on) {
+  uint64_t mask = 0;
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    const LL8Packet* hdr = layout_.hop1_slot(bases_[rank_], c.phase, r);
+    if (LL8Packet::flag_of(hdr->load()) != c.flag) mask |= 1ull << r;
+  }
+  if (waiting_on >= 0) mask |= 1ull << waiting_on;
+  err_.code = kTimeout;
+  err_.missing_mask = mask;
+  err_.message = "timed out waiting for peers";
+  __atomic_store_n(&ctrl_->status, static_cast<uint64_t>(kTimeout), __ATOMIC_RELAXED);
+  return kTimeout;
+}
+
+int HostMailbox::exchange_headers(const Call& c, const OpHeader& hdr) {
+  Spinner s(c.deadline_ns, spin_before_yield_);
+  for (int i = 1; i < world_; ++i) {
+    int r = (rank_ + i) % world_;
+    const LL8Packet* slot = layout_.hop1_slot(bases_[rank_], c.phase, r);
+    OpHeader theirs{};
+    for (int k = 0; k < kHeaderWords; ++k) {
+      uint32_t d;
+      if (!wait_word(slot + k, c.flag, s, &d)) return timeout_error(c, r);
+      theirs.set_word(k, d);
+    }
+    if (theirs != hdr && err_.code == kOk) {
+      err_.code = kMismatch;
+      err_.mismatch_rank = r;
+      err_.mine = hdr;
+      err_.theirs = theirs;
+    }
+  }
+  return err_.code;
+}
+
+static void push_header(LL8Packet* slot, const OpHeader& hdr, uint32_t flag) {
+  for (int k = 0; k < kHeaderWords; ++k) slot[k].store(hdr.word(k), flag);
+}
+
+namespace {
+struct ShardPlan {
+  int64_t words;        // payload words in total
+  int64_t shard_words;  // words per shard (the last shards may be shorter or empty)
+  int64_t begin(int i) const { return std::min<int64_t>(words, i * shard_words); }
+  int64_t end(int i) const { return std::min<int64_t>(words, (i + 1) * shard_words); }
+};
+inline ShardPlan plan_shards(size_t nbytes, int world) {
+  ShardPlan p;
+  p.words = static_cast<int64_t>((nbytes + 3) / 4);
+  p.shard_words = static_cast<int64_t>(round_up((p.words + world - 1) / world, 8));
+  return p;
+}
+}  // namespace
+
+// Pushes the header and this rank's payload: the whole payload to every peer (one-shot) or
+// shard i to its owner i (two-shot). Peers are visited starting after our own rank so that
+// all ranks do not hammer rank 0 first.
+void HostMailbox::push_payload(const Call& c, const OpHeader& hdr, const uint8_t* in,
+                               int64_t numel, DType dt, Algo algo) {
+  const size_t nbytes = static_cast<size_t>(numel) * dtype_size(dt);
+  const ShardPlan plan = plan_shards(nbytes, world_);
+  for (int i = 1; i < world_; ++i) {
+    int p = (rank_ + i) % world_;
+    LL8Packet* slot = layout_.hop1_slot(bases_[p], c.phase, rank_);
+    push_header(slot, hdr, c.flag);
+    int64_t w0 = 0, w1 = 0;
+    if (in != nullptr) {
+      w0 = algo == Algo::kOneShot ? 0 : plan.begin(p);
+      w1 = algo == Algo::kOneShot ? plan.words : plan.end(p);
+      push_words(slot + kHeaderWords, in, nbytes, w0, w1, c.flag);
+    }
+    if (c.scrub) {
+      push_tail(slot, kHeaderWords + (w1 - w0), layout_.slot_words, c.flag);
+      // hop-2 slots are written below by two-shot owners; one-shot calls scrub them whole.
+      if (algo == Algo::kOneShot || in == nullptr)
+        push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), 0, layout_.hop2_words, c.flag);
+    }
+  }
+}
+
+template <typename Sink>
+int HostMailbox::reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, int64_t n,
+                        DType dt, Algo algo, Sink&& sink) {
+  push_payload(c, hdr, in, n, dt, algo);
+  if (int st = exchange_headers(c, hdr); st != kOk) return st;
+
+  Spinner s(c.deadline_ns, spin_before_yield_);
+  const int epw = elems_per_word(dt);
+  const size_t nbytes = static_cast<size_t>(n) * dtype_size(dt);
+  alignas(64) float acc[kChunkWords * 2];
+  uint8_t* mine = bases_[rank_];
+
+  // Reduces payload words [w0, w1) whose hop-1 packets sit at slot offset (w - base_w).
+  auto reduce_words = [&](int64_t w0, int64_t w1, int64_t base_w, auto&& chunk_sink) -> int {
+    for (int64_t cw0 = w0; cw0 < w1; cw0 += kChunkWords) {
+      int64_t cw1 = std::min<int64_t>(w1, cw0 + kChunkWords);
+      int64_t e0 = cw0 * epw, e1 = std::min<int64_t>(n, cw1 * epw);
+      for (int r = 0; r < world_; ++r) {
+        if (r == rank_) {
+          accumulate_local(in, e0, e1, dt, r == 0, acc);
+        } else {
+          const LL8Packet* src =
+              layout_.hop1_slot(mine, c.phase, r) + kHeaderWords + (cw0 - base_w);
+          if (!accumulate_packets(src, cw0, cw1, n, dt, c.flag, r == 0, acc, s))
+            return timeout_error(c, r);
+        }
+      }
+      chunk_sink(e0, e1, acc);
+    }
+    return kOk;
+  };
+
+  const ShardPlan plan = plan_shards(nbytes, world_);
+  if (algo == Algo::kOneShot || world_ == 1) return reduce_words(0, plan.words, 0, sink);
+
+  // Two-shot. Hop 1 delivered shard `rank_` of every source to us: reduce it, push the fp32
+  // sums to every peer (hop 2), and hand them to the sink.
+  const int64_t mw0 = plan.begin(rank_), mw1 = plan.end(rank_);
+  const int64_t me0 = mw0 * epw;
+  auto push_and_sink = [&](int64_t e0, int64_t e1, const float* a) {
+    for (int i = 1; i < world_; ++i) {
+      int p = (rank_ + i) % world_;
+      LL8Packet* dst = layout_.hop2_slot(bases_[p], c.phase, rank_) + (e0 - me0);
+      for (int64_t e = e0; e < e1; ++e) dst[e - e0].store(float_bits(a[e - e0]), c.flag);
+    }
+    sink(e0, e1, a);
+  };
+  if (int st = reduce_words(mw0, mw1, mw0, push_and_sink); st != kOk) return st;
+  if (c.scrub) {
+    const size_t used =
+        static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>(n, mw1 * epw) - me0));
+    for (int i = 1; i < world_; ++i) {
+      int p = (rank_ + i) % world_;
+      push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), used, layout_.hop2_words, c.flag);
+    }
+  }
+  // Gather the other owners' reduced shards (fp32, one per packet).
+  for (int i = 1; i < world_; ++i) {
+    int owner = (rank_ + i) % world_;
+    const int64_t oe0 = plan.begin(owner) * epw;
+    const int64_t oe1 = std::min<int64_t>(n, plan.end(owner) * epw);
+    const LL8Packet* src = layout_.hop2_slot(mine, c.phase, owner);
+    for (int64_t e0 = oe0; e0 < oe1; e0 += kChunkWords) {
+      int64_t e1 = std::min<int64_t>(oe1, e0 + kChunkWords);
+      for (int64_t e = e0; e < e1; ++e) {
+        uint32_t d;
+        if (!wait_word(src + (e - oe0), c.flag, s, &d)) return timeout_error(c, owner);
+        acc[e - e0] = bits_to_f32(d);
+      }
+      sink(e0, e1, acc);
+    }
+  }
+  return kOk;
+}
+
+namespace {
+OpHeader make_header(OpCode op, DType dt, uint8_t flags, int64_t numel, uint32_t cols,
+                     float eps) {
+  OpHeader h;
+  h.op_dtype_flags = (static_cast<uint32_t>(op) << 24) | (static_cast<uint32_t>(dt) << 16) |
+                     static_cast<uint32_t>(flags);
+  h.numel = static_cast<uint32_t>(numel);
+  h.cols = cols;
+  h.eps_bits = float_bits(eps);
+  return h;
+}
+}  // namespace
+
+int HostMailbox::all_reduce(uintptr_t in_p, uintptr_t out_p, int64_t numel, int dtype,
+                            int algo) {
+  const DType dt = static_cast<DType>(dtype);
+  Call c = begin_call();
+  const OpHeader hdr = make_header(OpCode::kAllReduce, dt, 0, numel, 0, 0.0f);
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(in_p);
+  uint8_t* out = reinterpret_cast<uint8_t*>(out_p);
+  return reduce(c, hdr, in, numel, dt, static_cast<Algo>(algo),
+                [&](int64_t e0, int64_t e1, const float* a) {
+                  if (dt == DType::kFloat32) {
+                    std::memcpy(out + 4 * e0, a, 4 * (e1 - e0));
+                  } else {
+                    for (int64_t e = e0; e < e1; ++e) store_elem(out, e, dt, a[e - e0]);
+                  }
+                });
+}
+
+int HostMailbox::add_rms_norm(uintptr_t x_p, uintptr_t residual_p, uintptr_t weight_p,
+                              uintptr_t out_p, uintptr_t residual_out_p, int64_t rows,
+                              int64_t cols, int dtype, float eps, bool gemma, int algo) {
+  const DType dt = static_cast<DType>(dtype);
+  const int64_t n = rows * cols;
+  Call c = begin_call();
+  const uint8_t flags = (residual_p ? 1 : 0) | (gemma ? 2 : 0);
+  const OpHeader hdr =
+      make_header(OpCode::kAddRmsNorm, dt, flags, n, static_cast<uint32_t>(cols), eps);
+  float* sums = scratch(static_cast<size_t>(n));
+  int st = reduce(c, hdr, reinterpret_cast<const uint8_t*>(x_p), n, dt, static_cast<Algo>(algo),
+                  [&](int64_t e0, int64_t e1, const float* a) {
+                    std::memcpy(sums + e0, a, 4 * (e1 - e0));
+                  });
+  if (st != kOk) return st;
+
+  const uint8_t* residual = reinterpret_cast<const uint8_t*>(residual_p);
+  const uint8_t* weight = reinterpret_cast<const uint8_t*>(weight_p);
+  uint8_t* out = reinterpret_cast<uint8_t*>(out_p);
+  uint8_t* residual_out = reinterpret_cast<uint8_t*>(residual_out_p);
+  const float offset = gemma ? 1.0f : 0.0f;
+  for (int64_t row = 0; row < rows; ++row) {
+    float* r = sums + row * cols;
+    const int64_t base = row * cols;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = r[j];
+      if (residual) v += load_elem(residual, base + j, dt);
+      r[j] = v;
+      ss += v * v;
+    }
+    if (residual_out) {
+      for (int64_t j = 0; j < cols; ++j) store_elem(residual_out, base + j, dt, r[j]);
+    }
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + eps);
+    for (int64_t j = 0; j < cols; ++j) {
+      float w = load_elem(weight, j, dt) + offset;
+      store_elem(out, base + j, dt, (r[j] * inv) * w);
+    }
+  }
+  return kOk;
+}
+
+int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int64_t k_stride,
+                             uintptr_t q_weight_p, uintptr_t k_weight_p, uintptr_t q_out_p,
+                             uintptr_t k_out_p, int64_t q_out_stride, int64_t k_out_stride,
+                             int64_t rows, int64_t q_cols, int64_t k_cols, int dtype, float eps) {
+  const DType dt = static_cast<DType>(dtype);
+  const size_t es = dtype_size(dt);
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(q_p);
+  const uint8_t* k = reinterpret_cast<const uint8_t*>(k_p);
+  // Local sums of squares, [rows, 2] fp32: the only thing that crosses ranks.
+  float* partial = scratch(static_cast<size_t>(rows) * 4);
+  float* sums = partial + 2 * rows;
+  for (int64_t t = 0; t < rows; ++t) {
+    float sq = 0.0f, sk = 0.0f;
+    const uint8_t* qr = q + static_cast<size_t>(t * q_stride) * es;
+    const uint8_t* kr = k + static_cast<size_t>(t * k_stride) * es;
+    for (int64_t j = 0; j < q_cols; ++j) {
+      float v = load_elem(qr, j, dt);
+      sq += v * v;
+    }
+    for (int64_t j = 0; j < k_cols; ++j) {
+      float v = load_elem(kr, j, dt);
+      sk += v * v;
+    }
+    partial[2 * t] = sq;
+    partial[2 * t + 1] = sk;
+  }
+  Call c = begin_call();
+  const uint32_t cols = (static_cast<uint32_t>(q_cols & 0xffff) << 16) |
+                        static_cast<uint32_t>(k_cols & 0xffff);
+  const OpHeader hdr = make_header(OpCode::kQkRmsNorm, dt, 0, rows, cols, eps);
+  int st = reduce(c, hdr, reinterpret_cast<const uint8_t*>(partial), 2 * rows, DType::kFloat32,
+                  Algo::kOneShot, [&](int64_t e0, int64_t e1, const float* a) {
+                    std::memcpy(sums + e0, a, 4 * (e1 - e0));
+                  });
+  if (st != kOk) return st;
+
+  const uint8_t* qw = reinterpret_cast<const uint8_t*>(q_weight_p);
+  const uint8_t* kw = reinterpret_cast<const uint8_t*>(k_weight_p);
+  uint8_t* q_out = reinterpret_cast<uint8_t*>(q_out_p);
+  uint8_t* k_out = reinterpret_cast<uint8_t*>(k_out_p);
+  const float q_full = static_cast<float>(q_cols * world_);
+  const float k_full = static_cast<float>(k_cols * world_);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float iq = 1.0f / std::sqrt(sums[2 * t] / q_full + eps);
+    const float ik = 1.0f / std::sqrt(sums[2 * t + 1] / k_full + eps);
+    const uint8_t* qr = q + static_cast<size_t>(t * q_stride) * es;
+    const uint8_t* kr = k + static_cast<size_t>(t * k_stride) * es;
+    for (int64_t j = 0; j < q_cols; ++j)
+      store_elem(q_out, t * q_out_stride + j, dt, (load_elem(qr, j, dt) * iq) * load_elem(qw, j, dt));
+    for (int64_t j = 0; j < k_cols; ++j)
+      store_elem(k_out, t * k_out_stride + j, dt, (load_elem(kr, j, dt) * ik) * load_elem(kw, j, dt));
+  }
+  return kOk;
+}
+
+int HostMailbox::handshake(int op, int dtype, int64_t numel, int64_t cols, float eps) {
+  Call c = begin_call();
+  const OpHeader hdr = make_header(static_cast<OpCode>(op), static_cast<DType>(dtype), 0x80,
+                                   numel, static_cast<uint32_t>(cols), eps);
+  push_payload(c, hdr, nullptr, 0, DType::kFloat32, Algo::kOneShot);
+  return exchange_headers(c, hdr);
+}
+
+}  // namespace ccl

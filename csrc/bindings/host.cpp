@@ -94,6 +94,7 @@ void register_host(py::module_& root) {
       .def_property("seq", &HostMailbox::seq, &HostMailbox::set_seq)
       .def("set_timeout", &HostMailbox::set_timeout)
       .def("set_spin_before_yield", &HostMailbox::set_spin_before_yield)
+      .def_property("ll_max_bytes", &HostMailbox::ll_max_bytes, &HostMailbox::set_ll_max_bytes)
       .def_property_readonly("capacity_bytes", &HostMailbox::capacity_bytes)
       .def_property_readonly("rank", &HostMailbox::rank)
       .def_property_readonly("world", &HostMailbox::world);

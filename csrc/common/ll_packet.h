@@ -28,6 +28,10 @@ struct LL8Packet {
   inline void store(uint32_t data, uint32_t flag) {
     __atomic_store_n(&word, pack(data, flag), __ATOMIC_RELAXED);
   }
+  // Bulk-protocol chunk flags publish raw bytes written before them: release.
+  inline void store_release(uint32_t data, uint32_t flag) {
+    __atomic_store_n(&word, pack(data, flag), __ATOMIC_RELEASE);
+  }
   inline uint64_t load() const { return __atomic_load_n(&word, __ATOMIC_ACQUIRE); }
 };
 static_assert(sizeof(LL8Packet) == 8, "LL8Packet must be one 8-byte word");

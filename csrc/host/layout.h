@@ -8,6 +8,7 @@
 //                                        (two-shot all-gather)
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -16,7 +17,7 @@
 namespace ccl {
 
 constexpr uint64_t kMailboxMagic = 0x786f626c69616d63ull;  // "cmailbox"
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;
 constexpr size_t kControlBytes = 4096;
 constexpr int kPhases = 2;
 constexpr int kMaxWorld = 64;  // missing-rank reports are 64-bit masks
@@ -36,11 +37,25 @@ static_assert(sizeof(ControlBlock) <= kControlBytes, "control block too large");
 
 inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
+// Payload words reduced per step, and covered by one flag of the bulk protocol.
+constexpr size_t kChunkWords = 512;
+// Largest payload carried as LL packets; larger payloads use the bulk protocol.
+constexpr size_t kLLAreaBytes = 8192;
+
+// A hop-1 slot holds two protocols in disjoint areas, so raw bulk bytes can never be read
+// as an LL packet carrying a current flag:
+//   [0, kHeaderWords)           header packets (LL)
+//   [ll_offset, +ll_words)      LL payload packets            (payloads <= LL threshold)
+//   [flags_offset, +flag_words) one LL flag packet per chunk  (bulk protocol)
+//   [data_offset, ...)          raw payload bytes, published by the chunk's flag (release)
 struct MailboxLayout {
   int world = 0;
   size_t capacity_bytes = 0;  // largest payload one rank may push in one call
   size_t cap_words = 0;       // payload words (4 data bytes each)
-  size_t slot_words = 0;      // header + payload
+  size_t ll_offset = 0, ll_words = 0;
+  size_t flags_offset = 0, flag_words = 0;
+  size_t data_offset = 0;     // in 8-byte units from the slot start
+  size_t slot_words = 0;
   size_t shard_words_max = 0; // largest two-shot shard, in payload words
   size_t hop2_words = 0;      // fp32 words of the largest reduced shard
   size_t hop1_offset = 0;
@@ -52,7 +67,12 @@ struct MailboxLayout {
     l.world = world;
     l.capacity_bytes = capacity_bytes;
     l.cap_words = round_up((capacity_bytes + 3) / 4, 8);
-    l.slot_words = kHeaderWords + l.cap_words;
+    l.ll_offset = 8;  // header padded to a cache line
+    l.ll_words = round_up(std::min(capacity_bytes, kLLAreaBytes) / 4 + 1, 8);
+    l.flags_offset = l.ll_offset + l.ll_words;
+    l.flag_words = round_up((l.cap_words + kChunkWords - 1) / kChunkWords, 8);
+    l.data_offset = l.flags_offset + l.flag_words;
+    l.slot_words = l.data_offset + l.cap_words / 2;
     l.shard_words_max = round_up((l.cap_words + world - 1) / world, 8);
     l.hop2_words = 2 * l.shard_words_max;  // a 16-bit payload word holds two elements
     l.hop1_offset = kControlBytes;
@@ -70,6 +90,9 @@ struct MailboxLayout {
   LL8Packet* hop2_slot(uint8_t* base, int phase, int src) const {
     return reinterpret_cast<LL8Packet*>(base + hop2_offset) +
            (static_cast<size_t>(phase) * world + src) * hop2_words;
+  }
+  static uint8_t* bulk_data(LL8Packet* slot, size_t data_offset) {
+    return reinterpret_cast<uint8_t*>(slot + data_offset);
   }
 };
 

@@ -22,9 +22,6 @@ namespace ccl {
 
 namespace {
 
-// Payload words are reduced in chunks of this many so that the fp32 accumulator stays in L1
-// while every source is added to it (rank order is kept within each chunk).
-constexpr int64_t kChunkWords = 512;
 // Every 2^31 calls each rank rewrites the unused tail of its slots with the current flag, so
 // no word keeps a flag older than 2^31 calls and a 32-bit flag can never match stale data
 // after the sequence number wraps (the "slot counter wraparound" hang of earlier designs).
@@ -139,34 +136,35 @@ struct HostMailbox::Call {
 
 // Bounded spin. Pauses first (a peer on another core answers within a few hundred ns), then
 // yields the core on every retry so an oversubscribed job (more ranks than cores) still makes
-// progress, and checks the deadline now and then.
+// progress, and checks the deadline now and then. The spin count is per wait: a long call
+// that waits briefly many times (a reader catching up with a writer) never degrades to
+// yielding on every word.
 class Spinner {
  public:
   Spinner(int64_t deadline_ns, int spin_before_yield)
       : deadline_ns_(deadline_ns), spin_before_yield_(spin_before_yield) {}
-  inline bool again() {
-    ++spins_;
-    if (spins_ < spin_before_yield_) {
+  inline bool again(int& spins) {
+    if (++spins < spin_before_yield_) {
       CCL_CPU_RELAX();
       return true;
     }
     sched_yield();
-    if ((spins_ & 31) == 0 && now_ns() > deadline_ns_) return false;
+    if ((spins & 31) == 0 && now_ns() > deadline_ns_) return false;
     return true;
   }
 
  private:
   int64_t deadline_ns_;
   int spin_before_yield_;
-  int64_t spins_ = 0;
 };
 
 namespace {
 
 inline bool wait_word(const LL8Packet* p, uint32_t flag, Spinner& s, uint32_t* data) {
   uint64_t w = p->load();
+  int spins = 0;
   while (LL8Packet::flag_of(w) != flag) {
-    if (!s.again()) return false;
+    if (!s.again(spins)) return false;
     w = p->load();
   }
   *data = LL8Packet::data_of(w);
@@ -195,8 +193,11 @@ inline void push_tail(LL8Packet* slot, size_t from, size_t to, uint32_t flag) {
 inline bool accumulate_packets(const LL8Packet* words, int64_t w0, int64_t w1, int64_t n,
                                DType dt, uint32_t flag, bool first, float* acc, Spinner& s) {
   const int epw = elems_per_word(dt);
+  // Wait for the chunk's last word first: the writer fills words in order, so the reader
+  // then walks lines the writer has left instead of chasing it line by line.
+  uint32_t d;
+  if (w1 > w0 && !wait_word(words + (w1 - 1 - w0), flag, s, &d)) return false;
   for (int64_t w = w0; w < w1; ++w) {
-    uint32_t d;
     if (!wait_word(words + (w - w0), flag, s, &d)) return false;
     for (int j = 0; j < epw; ++j) {
       int64_t e = w * epw + j;
@@ -209,11 +210,52 @@ inline bool accumulate_packets(const LL8Packet* words, int64_t w0, int64_t w1, i
   return true;
 }
 
-inline void accumulate_local(const uint8_t* in, int64_t e0, int64_t e1, DType dt, bool first,
-                             float* acc) {
-  for (int64_t e = e0; e < e1; ++e) {
-    float v = load_elem(in, e, dt);
-    acc[e - e0] = first ? v : acc[e - e0] + v;
+// acc[i] (+)= element i of a raw buffer, for i < count. Specialised per dtype so the
+// compiler vectorises the loops.
+inline void accumulate_raw(const uint8_t* src, int64_t count, DType dt, bool first,
+                           float* __restrict acc) {
+  switch (dt) {
+    case DType::kFloat32: {
+      const float* f = reinterpret_cast<const float*>(src);
+      if (first) {
+        std::memcpy(acc, f, 4 * count);
+      } else {
+        for (int64_t i = 0; i < count; ++i) acc[i] += f[i];
+      }
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+      if (first) {
+        for (int64_t i = 0; i < count; ++i) acc[i] = bf16_to_f32(h[i]);
+      } else {
+        for (int64_t i = 0; i < count; ++i) acc[i] += bf16_to_f32(h[i]);
+      }
+      break;
+    }
+    default: {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+      if (first) {
+        for (int64_t i = 0; i < count; ++i) acc[i] = f16_to_f32(h[i]);
+      } else {
+        for (int64_t i = 0; i < count; ++i) acc[i] += f16_to_f32(h[i]);
+      }
+      break;
+    }
+  }
+}
+
+// Bulk protocol: raw bytes of payload words [w0, w1) go to the slot's data area (offset
+// relative to base_w), then one release-stored flag per chunk publishes them.
+inline void push_bulk(LL8Packet* slot, const MailboxLayout& L, const uint8_t* in, size_t nbytes,
+                      int64_t w0, int64_t w1, int64_t base_w, uint32_t flag) {
+  uint8_t* data = MailboxLayout::bulk_data(slot, L.data_offset);
+  for (int64_t cw0 = w0; cw0 < w1; cw0 += kChunkWords) {
+    int64_t cw1 = std::min<int64_t>(w1, cw0 + static_cast<int64_t>(kChunkWords));
+    size_t off = static_cast<size_t>(cw0) * 4;
+    size_t len = std::min(nbytes, static_cast<size_t>(cw1) * 4) - off;
+    std::memcpy(data + off - static_cast<size_t>(base_w) * 4, in + off, len);
+    slot[L.flags_offset + (cw0 - base_w) / kChunkWords].store_release(0, flag);
   }
 }
 
@@ -232,6 +274,11 @@ HostMailbox::HostMailbox(int rank, int world, std::vector<uintptr_t> bases,
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   // With more ranks than cores a spinning rank steals the core its peer needs: yield at once.
   spin_before_yield_ = (cores > 0 && world <= cores) ? 4096 : 8;
+  set_ll_max_bytes(kDefaultLLMaxBytes);
+}
+
+void HostMailbox::set_ll_max_bytes(size_t bytes) {
+  ll_max_bytes_ = std::min({bytes, kLLAreaBytes, layout_.capacity_bytes});
 }
 
 uint64_t HostMailbox::seq() const { return __atomic_load_n(&ctrl_->seq, __ATOMIC_RELAXED); }
@@ -317,6 +364,7 @@ void HostMailbox::push_payload(const Call& c, const OpHeader& hdr, const uint8_t
                                int64_t numel, DType dt, Algo algo) {
   const size_t nbytes = static_cast<size_t>(numel) * dtype_size(dt);
   const ShardPlan plan = plan_shards(nbytes, world_);
+  const bool bulk = nbytes > ll_max_bytes_;
   for (int i = 1; i < world_; ++i) {
     int p = (rank_ + i) % world_;
     LL8Packet* slot = layout_.hop1_slot(bases_[p], c.phase, rank_);
@@ -325,11 +373,19 @@ void HostMailbox::push_payload(const Call& c, const OpHeader& hdr, const uint8_t
     if (in != nullptr) {
       w0 = algo == Algo::kOneShot ? 0 : plan.begin(p);
       w1 = algo == Algo::kOneShot ? plan.words : plan.end(p);
-      push_words(slot + kHeaderWords, in, nbytes, w0, w1, c.flag);
+      if (bulk) {
+        push_bulk(slot, layout_, in, nbytes, w0, w1, w0, c.flag);
+      } else {
+        push_words(slot + layout_.ll_offset, in, nbytes, w0, w1, c.flag);
+      }
     }
     if (c.scrub) {
-      push_tail(slot, kHeaderWords + (w1 - w0), layout_.slot_words, c.flag);
-      // hop-2 slots are written below by two-shot owners; one-shot calls scrub them whole.
+      const size_t ll_used = bulk ? 0 : static_cast<size_t>(w1 - w0);
+      const size_t flags_used =
+          bulk ? static_cast<size_t>((w1 - w0 + kChunkWords - 1) / kChunkWords) : 0;
+      push_tail(slot + layout_.ll_offset, ll_used, layout_.ll_words, c.flag);
+      push_tail(slot + layout_.flags_offset, flags_used, layout_.flag_words, c.flag);
+      // hop-2 slots are written below by two-shot owners; other calls scrub them whole.
       if (algo == Algo::kOneShot || in == nullptr)
         push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), 0, layout_.hop2_words, c.flag);
     }
@@ -344,21 +400,32 @@ int HostMailbox::reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, i
 
   Spinner s(c.deadline_ns, spin_before_yield_);
   const int epw = elems_per_word(dt);
-  const size_t nbytes = static_cast<size_t>(n) * dtype_size(dt);
+  const size_t esize = dtype_size(dt);
+  const size_t nbytes = static_cast<size_t>(n) * esize;
   alignas(64) float acc[kChunkWords * 2];
   uint8_t* mine = bases_[rank_];
 
-  // Reduces payload words [w0, w1) whose hop-1 packets sit at slot offset (w - base_w).
+  const bool bulk = nbytes > ll_max_bytes_;
+  // Reduces payload words [w0, w1) whose hop-1 data sits at slot offset (w - base_w).
   auto reduce_words = [&](int64_t w0, int64_t w1, int64_t base_w, auto&& chunk_sink) -> int {
     for (int64_t cw0 = w0; cw0 < w1; cw0 += kChunkWords) {
-      int64_t cw1 = std::min<int64_t>(w1, cw0 + kChunkWords);
+      int64_t cw1 = std::min<int64_t>(w1, cw0 + static_cast<int64_t>(kChunkWords));
       int64_t e0 = cw0 * epw, e1 = std::min<int64_t>(n, cw1 * epw);
       for (int r = 0; r < world_; ++r) {
         if (r == rank_) {
-          accumulate_local(in, e0, e1, dt, r == 0, acc);
+          accumulate_raw(in + e0 * esize, e1 - e0, dt, r == 0, acc);
+          continue;
+        }
+        LL8Packet* slot = layout_.hop1_slot(mine, c.phase, r);
+        if (bulk) {
+          uint32_t d;
+          if (!wait_word(slot + layout_.flags_offset + (cw0 - base_w) / kChunkWords, c.flag, s,
+                         &d))
+            return timeout_error(c, r);
+          const uint8_t* data = MailboxLayout::bulk_data(slot, layout_.data_offset);
+          accumulate_raw(data + (cw0 - base_w) * 4, e1 - e0, dt, r == 0, acc);
         } else {
-          const LL8Packet* src =
-              layout_.hop1_slot(mine, c.phase, r) + kHeaderWords + (cw0 - base_w);
+          const LL8Packet* src = slot + layout_.ll_offset + (cw0 - base_w);
           if (!accumulate_packets(src, cw0, cw1, n, dt, c.flag, r == 0, acc, s))
             return timeout_error(c, r);
         }
@@ -399,7 +466,7 @@ int HostMailbox::reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, i
     const int64_t oe1 = std::min<int64_t>(n, plan.end(owner) * epw);
     const LL8Packet* src = layout_.hop2_slot(mine, c.phase, owner);
     for (int64_t e0 = oe0; e0 < oe1; e0 += kChunkWords) {
-      int64_t e1 = std::min<int64_t>(oe1, e0 + kChunkWords);
+      int64_t e1 = std::min<int64_t>(oe1, e0 + static_cast<int64_t>(kChunkWords));
       for (int64_t e = e0; e < e1; ++e) {
         uint32_t d;
         if (!wait_word(src + (e - oe0), c.flag, s, &d)) return timeout_error(c, owner);

@@ -26,6 +26,9 @@ enum class OpCode : uint8_t {
 };
 enum class Algo : int { kOneShot = 0, kTwoShot = 1 };
 
+// Default LL/bulk switch on the host (tuned with ccl-bench on the 2-core CI machine class).
+constexpr size_t kDefaultLLMaxBytes = 1024;
+
 enum Status : int {
   kOk = 0,
   kTimeout = 1,
@@ -70,6 +73,10 @@ class HostMailbox {
   size_t capacity_bytes() const { return layout_.capacity_bytes; }
   int rank() const { return rank_; }
   int world() const { return world_; }
+  // Payloads up to this size travel as LL packets, larger ones with the bulk protocol.
+  // Every rank must use the same value.
+  void set_ll_max_bytes(size_t bytes);
+  size_t ll_max_bytes() const { return ll_max_bytes_; }
   // Spins between sched_yield calls; low when ranks outnumber cores.
   void set_spin_before_yield(int spins) { spin_before_yield_ = spins; }
 
@@ -95,6 +102,7 @@ class HostMailbox {
   ControlBlock* ctrl_;
   int64_t timeout_ns_;
   int spin_before_yield_;
+  size_t ll_max_bytes_ = 0;
   LastError err_;
   std::vector<float> scratch_;
 };

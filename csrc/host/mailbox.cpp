@@ -1,5 +1,7 @@
 #include "host/mailbox.h"
 
+#include "host/epilogue.h"
+
 #include <sched.h>
 #include <time.h>
 #include <unistd.h>
@@ -500,11 +502,7 @@ int HostMailbox::all_reduce(uintptr_t in_p, uintptr_t out_p, int64_t numel, int 
   uint8_t* out = reinterpret_cast<uint8_t*>(out_p);
   return reduce(c, hdr, in, numel, dt, static_cast<Algo>(algo),
                 [&](int64_t e0, int64_t e1, const float* a) {
-                  if (dt == DType::kFloat32) {
-                    std::memcpy(out + 4 * e0, a, 4 * (e1 - e0));
-                  } else {
-                    for (int64_t e = e0; e < e1; ++e) store_elem(out, e, dt, a[e - e0]);
-                  }
+                  store_from_fp32(dt, a, out + e0 * dtype_size(dt), e1 - e0);
                 });
 }
 
@@ -524,30 +522,10 @@ int HostMailbox::add_rms_norm(uintptr_t x_p, uintptr_t residual_p, uintptr_t wei
                   });
   if (st != kOk) return st;
 
-  const uint8_t* residual = reinterpret_cast<const uint8_t*>(residual_p);
-  const uint8_t* weight = reinterpret_cast<const uint8_t*>(weight_p);
-  uint8_t* out = reinterpret_cast<uint8_t*>(out_p);
-  uint8_t* residual_out = reinterpret_cast<uint8_t*>(residual_out_p);
-  const float offset = gemma ? 1.0f : 0.0f;
-  for (int64_t row = 0; row < rows; ++row) {
-    float* r = sums + row * cols;
-    const int64_t base = row * cols;
-    float ss = 0.0f;
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = r[j];
-      if (residual) v += load_elem(residual, base + j, dt);
-      r[j] = v;
-      ss += v * v;
-    }
-    if (residual_out) {
-      for (int64_t j = 0; j < cols; ++j) store_elem(residual_out, base + j, dt, r[j]);
-    }
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + eps);
-    for (int64_t j = 0; j < cols; ++j) {
-      float w = load_elem(weight, j, dt) + offset;
-      store_elem(out, base + j, dt, (r[j] * inv) * w);
-    }
-  }
+  add_rms_norm_rows(dt, sums, reinterpret_cast<const void*>(residual_p),
+                    reinterpret_cast<const void*>(weight_p), reinterpret_cast<void*>(out_p),
+                    reinterpret_cast<void*>(residual_out_p), rows, cols, eps,
+                    gemma ? 1.0f : 0.0f);
   return kOk;
 }
 
@@ -556,27 +534,11 @@ int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int
                              uintptr_t k_out_p, int64_t q_out_stride, int64_t k_out_stride,
                              int64_t rows, int64_t q_cols, int64_t k_cols, int dtype, float eps) {
   const DType dt = static_cast<DType>(dtype);
-  const size_t es = dtype_size(dt);
-  const uint8_t* q = reinterpret_cast<const uint8_t*>(q_p);
-  const uint8_t* k = reinterpret_cast<const uint8_t*>(k_p);
   // Local sums of squares, [rows, 2] fp32: the only thing that crosses ranks.
   float* partial = scratch(static_cast<size_t>(rows) * 4);
   float* sums = partial + 2 * rows;
-  for (int64_t t = 0; t < rows; ++t) {
-    float sq = 0.0f, sk = 0.0f;
-    const uint8_t* qr = q + static_cast<size_t>(t * q_stride) * es;
-    const uint8_t* kr = k + static_cast<size_t>(t * k_stride) * es;
-    for (int64_t j = 0; j < q_cols; ++j) {
-      float v = load_elem(qr, j, dt);
-      sq += v * v;
-    }
-    for (int64_t j = 0; j < k_cols; ++j) {
-      float v = load_elem(kr, j, dt);
-      sk += v * v;
-    }
-    partial[2 * t] = sq;
-    partial[2 * t + 1] = sk;
-  }
+  sum_squares_rows(dt, reinterpret_cast<const void*>(q_p), q_stride, rows, q_cols, partial, 0);
+  sum_squares_rows(dt, reinterpret_cast<const void*>(k_p), k_stride, rows, k_cols, partial, 1);
   Call c = begin_call();
   const uint32_t cols = (static_cast<uint32_t>(q_cols & 0xffff) << 16) |
                         static_cast<uint32_t>(k_cols & 0xffff);
@@ -587,22 +549,19 @@ int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int
                   });
   if (st != kOk) return st;
 
-  const uint8_t* qw = reinterpret_cast<const uint8_t*>(q_weight_p);
-  const uint8_t* kw = reinterpret_cast<const uint8_t*>(k_weight_p);
-  uint8_t* q_out = reinterpret_cast<uint8_t*>(q_out_p);
-  uint8_t* k_out = reinterpret_cast<uint8_t*>(k_out_p);
+  // Full dimension = local dimension x world: every rank holds an equal shard.
   const float q_full = static_cast<float>(q_cols * world_);
   const float k_full = static_cast<float>(k_cols * world_);
   for (int64_t t = 0; t < rows; ++t) {
-    const float iq = 1.0f / std::sqrt(sums[2 * t] / q_full + eps);
-    const float ik = 1.0f / std::sqrt(sums[2 * t + 1] / k_full + eps);
-    const uint8_t* qr = q + static_cast<size_t>(t * q_stride) * es;
-    const uint8_t* kr = k + static_cast<size_t>(t * k_stride) * es;
-    for (int64_t j = 0; j < q_cols; ++j)
-      store_elem(q_out, t * q_out_stride + j, dt, (load_elem(qr, j, dt) * iq) * load_elem(qw, j, dt));
-    for (int64_t j = 0; j < k_cols; ++j)
-      store_elem(k_out, t * k_out_stride + j, dt, (load_elem(kr, j, dt) * ik) * load_elem(kw, j, dt));
+    sums[2 * t] = 1.0f / std::sqrt(sums[2 * t] / q_full + eps);
+    sums[2 * t + 1] = 1.0f / std::sqrt(sums[2 * t + 1] / k_full + eps);
   }
+  scale_rows(dt, reinterpret_cast<const void*>(q_p), q_stride, sums, 0,
+             reinterpret_cast<const void*>(q_weight_p), reinterpret_cast<void*>(q_out_p),
+             q_out_stride, rows, q_cols);
+  scale_rows(dt, reinterpret_cast<const void*>(k_p), k_stride, sums, 1,
+             reinterpret_cast<const void*>(k_weight_p), reinterpret_cast<void*>(k_out_p),
+             k_out_stride, rows, k_cols);
   return kOk;
 }
 

@@ -27,7 +27,7 @@ enum class OpCode : uint8_t {
 enum class Algo : int { kOneShot = 0, kTwoShot = 1 };
 
 // Default LL/bulk switch on the host (tuned with ccl-bench on the 2-core CI machine class).
-constexpr size_t kDefaultLLMaxBytes = 1024;
+constexpr size_t kDefaultLLMaxBytes = 256;
 
 enum Status : int {
   kOk = 0,

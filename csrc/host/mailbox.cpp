@@ -275,7 +275,9 @@ HostMailbox::HostMailbox(int rank, int world, std::vector<uintptr_t> bases,
   set_timeout(timeout_s);
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   // With more ranks than cores a spinning rank steals the core its peer needs: yield at once.
-  spin_before_yield_ = (cores > 0 && world <= cores) ? 4096 : 8;
+  // ~256 pauses is a few microseconds: long enough for a peer that is running, short enough
+  // that a descheduled peer (a busy machine) gets the core back quickly.
+  spin_before_yield_ = (cores > 0 && world <= cores) ? 256 : 8;
   set_ll_max_bytes(kDefaultLLMaxBytes);
 }
 

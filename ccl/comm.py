@@ -167,19 +167,26 @@ class Communicator:
     ``fd_exchange`` is "socket" (SCM_RIGHTS, default) or "pidfd" (env ``CCL_FD_EXCHANGE``).
     """
 
-    transport = "host"
-
     def __init__(
         self,
         group: Any = None,
         *,
+        device: torch.device | str | None = None,
         max_bytes: int | None = None,
         timeout: float | None = None,
         fd_exchange: str | None = None,
     ):
-        self._mailbox = None  # set last: a half-built communicator has no mailbox
+        self._mailbox = None  # host mailbox; set last: a half-built communicator has none
+        self._device_mailbox = None  # DeviceMailbox on CUDA / XPU
         self._region = None
         self._broken: str | None = None
+        self._closed = True
+        self.fallback_reason: str | None = None
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "xpu" and self.device.index is None:
+            self.device = torch.device("xpu", torch.xpu.current_device())
         max_bytes = int(max_bytes or os.environ.get("CCL_MAX_BYTES", DEFAULT_MAX_BYTES))
         timeout = float(timeout or _env_float("CCL_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         fd_exchange = fd_exchange or os.environ.get("CCL_FD_EXCHANGE", "socket")
@@ -188,9 +195,10 @@ class Communicator:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
 
-        availability = host_transport.availability()
-        if not availability:
-            raise CclError(f"host transport unavailable: {availability.reason}")
+        if self.device.type == "cpu":
+            availability = host_transport.availability()
+            if not availability:
+                raise CclError(f"host transport unavailable: {availability.reason}")
 
         exchange, self._fallback = _bootstrap(group, timeout)
         self.rank = exchange.rank
@@ -207,16 +215,31 @@ class Communicator:
             )
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self._two_shot_above = tuning.two_shot_threshold(self.transport, self.world_size)
+        self._two_shot_above = tuning.two_shot_threshold("host", self.world_size)
 
-        region = host_transport.HostRegion(self.world_size, self.rank, max_bytes)
+        if self.device.type == "cpu":
+            self._init_host(exchange, fd_exchange)
+        else:
+            self._init_device(exchange, fd_exchange)
+        self._closed = False
+
+    @property
+    def transport(self) -> str:
+        """"host", "cuda", "level_zero", or "fallback" (everything through the wrapped
+        backend, see ``fallback_reason``)."""
+        return self._transport
+
+    def _init_host(self, exchange: Exchange, fd_exchange: str) -> None:
+        self._transport = "host"
+        self._two_shot_above = tuning.two_shot_threshold("host", self.world_size)
+        region = host_transport.HostRegion(self.world_size, self.rank, self.max_bytes)
         try:
-            fds = exchange_fds(exchange, region.fd, method=fd_exchange, timeout_s=timeout)
+            fds = exchange_fds(exchange, region.fd, method=fd_exchange, timeout_s=self.timeout)
             for peer, fd in fds.items():
                 region.import_peer(peer, fd)
             region.verify_peers()
             self._mailbox = _C.host.HostMailbox(
-                self.rank, self.world_size, region.bases, max_bytes, timeout
+                self.rank, self.world_size, region.bases, self.max_bytes, self.timeout
             )
         except BaseException:
             region.close()
@@ -224,13 +247,63 @@ class Communicator:
         self._region = region
         logger.info(
             "ccl: rank %d/%d host mailboxes up (capacity %d B, timeout %.0f s, fd exchange %s)",
-            self.rank, self.world_size, max_bytes, timeout, fd_exchange,
+            self.rank, self.world_size, self.max_bytes, self.timeout, fd_exchange,
+        )
+
+    def _init_device(self, exchange: Exchange, fd_exchange: str) -> None:
+        """Device mailboxes through the device's transport; when peers cannot map each other
+        every rank agrees to fall back to the wrapped backend, and says why."""
+        from ccl.device_mailbox import DeviceMailbox
+
+        kind = {"cuda": "cuda", "xpu": "level_zero"}.get(self.device.type)
+        nbytes = DeviceMailbox.region_bytes(self.world_size, self.max_bytes)
+        region, reason = None, None
+        if kind is None:
+            reason = f"no mailbox transport for device type {self.device.type!r}"
+        else:
+            try:
+                region = _open_device_region(kind, self.world_size, self.rank, nbytes, self.device)
+            except Exception as e:  # noqa: BLE001 - the reason is reported, never swallowed
+                reason = f"{kind} transport unavailable on rank {self.rank}: {e}"
+        # Agree before any rank waits on a peer that could not even allocate.
+        reasons = [r for r in exchange.all_gather(reason) if r]
+        if not reasons:
+            try:
+                region.connect(exchange, method=fd_exchange, timeout_s=self.timeout)
+            except CclError as e:  # connect's verification is agreed across ranks
+                reasons = [str(e)]
+        if reasons:
+            if region is not None:
+                region.close()
+            self._transport = "fallback"
+            self.fallback_reason = reasons[0]
+            if not self._fallback:
+                raise CclError(f"no device mailboxes and no wrapped backend: {reasons[0]}")
+            logger.warning(
+                "ccl: rank %d: device mailboxes disabled, every collective goes to the wrapped "
+                "backend: %s", self.rank, reasons[0],
+            )
+            return
+        self._transport = kind
+        self._two_shot_above = tuning.two_shot_threshold(kind, self.world_size)
+        self._region = region
+        self._device_mailbox = DeviceMailbox(
+            self.rank, self.world_size, region.bases, self.max_bytes, self.device,
+            timeout=self.timeout,
+        )
+        logger.info(
+            "ccl: rank %d/%d %s mailboxes up on %s (capacity %d B, timeout %.0f s)",
+            self.rank, self.world_size, kind, self.device, self.max_bytes, self.timeout,
         )
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Unmaps every mailbox and closes its fds. Local, idempotent."""
+        self._closed = True
         self._mailbox = None
+        if self._device_mailbox is not None:
+            self._device_mailbox.close()
+            self._device_mailbox = None
         if self._region is not None:
             self._region.close()
             self._region = None
@@ -252,12 +325,29 @@ class Communicator:
 
     @property
     def closed(self) -> bool:
-        return self._mailbox is None
+        return self._closed
 
     @property
     def seq(self) -> int:
         """Sequence number of the last call (advanced by every op, on every rank)."""
-        return self._live().seq
+        self._live()
+        mailbox = self._mailbox or self._device_mailbox
+        return mailbox.seq if mailbox is not None else 0
+
+    def synchronize(self) -> None:
+        """Waits for this rank's device ops and raises what their kernels recorded
+        (:class:`CollectiveTimeout` naming the missing ranks, :class:`CollectiveMismatch`).
+        Device ops are asynchronous: errors surface here or in a later op's check. A no-op on
+        the host transport, whose ops raise directly."""
+        self._live()
+        if self._device_mailbox is None:
+            return
+        try:
+            self._device_mailbox.raise_if_failed()
+        except CollectiveTimeout as e:
+            self._broken = str(e)
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ ops
     def all_reduce(
@@ -291,6 +381,8 @@ class Communicator:
                         self._raise(st)
                     return tensor
         mailbox = self._live()
+        if mailbox is None:
+            return self._all_reduce_device(tensor, op, out, algorithm)
         code = self._check(tensor, "tensor")
         if out is None:
             out = tensor
@@ -379,6 +471,10 @@ class Communicator:
                 self._raise(st)
             return out, residual_out
         mailbox = self._live()
+        if mailbox is None:
+            return self._add_rms_norm_device(
+                x, residual, weight, eps, norm_style, out, residual_out, algorithm
+            )
         code = self._check(x, "x")
         if x.dim() < 1 or x.shape[-1] == 0:
             raise ValueError(f"x must have a non-empty last dimension, got {tuple(x.shape)}")
@@ -441,6 +537,8 @@ class Communicator:
         This is a collective operation.
         """
         mailbox = self._live()
+        if mailbox is None:
+            return self._qk_rms_norm_device(q, k, q_weight, k_weight, eps, q_out, k_out)
         code = self._check_rows(q, "q")
         if self._check_rows(k, "k") != code:
             raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
@@ -465,14 +563,91 @@ class Communicator:
             self._raise(st)
         return q_out, k_out
 
+    # ------------------------------------------------------------------ device path
+    # Device ops are asynchronous (one kernel on the current stream); their errors surface in
+    # synchronize(). Without device mailboxes (transport "fallback") every op goes through
+    # the wrapped backend and the torch reference epilogues.
+    def _device_algorithm(self, nbytes: int, forced: str | None) -> str:
+        if forced is not None:
+            return forced
+        return "two_shot" if nbytes > self._two_shot_above else "one_shot"
+
+    def _check_device(self, t: torch.Tensor, name: str) -> int:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        code = _DTYPE_CODES.get(t.dtype)
+        if code is None:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device} but this communicator is on {self.device}")
+        return code
+
+    def _all_reduce_device(self, tensor, op, out, algorithm):
+        if not isinstance(op, ReduceOp):
+            op = ReduceOp(op)
+        code = self._check_device(tensor, "tensor")
+        dm = self._device_mailbox
+        nbytes = tensor.numel() * tensor.element_size()
+        if dm is None or nbytes > self.max_bytes or op in (ReduceOp.MAX, ReduceOp.MIN):
+            if dm is not None:
+                dm.handshake(1, code, tensor.numel())
+            if out is None:
+                out = tensor
+            elif out is not tensor:
+                out.copy_(tensor)
+            self._delegate(out, op, nbytes)
+            return out
+        out = dm.all_reduce(tensor, out, algorithm=self._device_algorithm(nbytes, algorithm))
+        if op is ReduceOp.AVG:
+            out.div_(self.world_size)
+        return out
+
+    def _add_rms_norm_device(self, x, residual, weight, eps, norm_style, out, residual_out,
+                             algorithm):
+        code = self._check_device(x, "x")
+        gemma = NormStyle(norm_style) is NormStyle.GEMMA
+        dm = self._device_mailbox
+        nbytes = x.numel() * x.element_size()
+        if residual_out is None:
+            residual_out = torch.empty_like(x)
+        if dm is None or nbytes > self.max_bytes:
+            if dm is not None:
+                dm.handshake(2, code, x.numel(), x.shape[-1], eps)
+            summed = x.clone()
+            self._delegate(summed, ReduceOp.SUM, nbytes)
+            from ccl.kernels.reference import add_rms_norm_reference
+
+            o, r = add_rms_norm_reference(summed, residual, weight, eps, gemma=gemma)
+            out = o if out is None else out.copy_(o)
+            residual_out.copy_(r)
+            return out, residual_out
+        return dm.add_rms_norm(
+            x, residual, weight, eps, gemma=gemma, out=out, residual_out=residual_out,
+            algorithm=self._device_algorithm(nbytes, algorithm),
+        )
+
+    def _qk_rms_norm_device(self, q, k, q_weight, k_weight, eps, q_out, k_out):
+        self._check_device(q, "q")
+        dm = self._device_mailbox
+        if dm is not None:
+            return dm.qk_rms_norm(q, k, q_weight, k_weight, eps, q_out=q_out, k_out=k_out)
+        ss = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)
+        self._delegate(ss, ReduceOp.SUM, ss.numel() * 4)
+        iq = torch.rsqrt(ss[:, 0:1] / (q.shape[1] * self.world_size) + eps)
+        ik = torch.rsqrt(ss[:, 1:2] / (k.shape[1] * self.world_size) + eps)
+        qo = (q.float() * iq * q_weight.float()).to(q.dtype)
+        ko = (k.float() * ik * k_weight.float()).to(k.dtype)
+        q_out = qo if q_out is None else q_out.copy_(qo)
+        k_out = ko if k_out is None else k_out.copy_(ko)
+        return q_out, k_out
+
     # ------------------------------------------------------------------ internals
     def _live(self):
-        mailbox = self._mailbox
-        if mailbox is None:
+        if self._closed:
             raise CommunicatorClosed(
                 self._broken or f"rank {getattr(self, 'rank', '?')}: the communicator is closed"
             )
-        return mailbox
+        return self._mailbox
 
     def _algorithm(self, nbytes: int, forced: str | None) -> int:
         if forced is None:
@@ -569,6 +744,20 @@ class Communicator:
                 peer,
             )
         raise CclError(f"rank {self.rank}: mailbox op failed with status {status}: {err.message}")
+
+
+def _open_device_region(kind: str, world: int, rank: int, nbytes: int, device: torch.device):
+    """This rank's device region, allocated and cleared, not yet connected to peers."""
+    if kind == "cuda":
+        from ccl.transport import cuda
+
+        avail = cuda.availability(device.index)
+        if not avail:
+            raise CclError(avail.reason)
+        return cuda.CudaRegion(world, rank, nbytes, device.index)
+    from ccl.transport import level_zero
+
+    return level_zero.region_for_torch_device(world, rank, nbytes, device)
 
 
 def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:

@@ -187,7 +187,7 @@ def exchange_fds(
             if p.node != mine.node:
                 raise TransportError(
                     f"rank {p.rank} is on node {p.node!r} but rank {rank} is on {mine.node!r}: "
-                    "the host transport needs every rank on one host"
+                    "mailbox transports need every rank on one host (multi-node: use the torch backend \"mbx\")"
                 )
         if method == "pidfd":
             return {

@@ -757,7 +757,10 @@ def _open_device_region(kind: str, world: int, rank: int, nbytes: int, device: t
         return cuda.CudaRegion(world, rank, nbytes, device.index)
     from ccl.transport import level_zero
 
-    return level_zero.region_for_torch_device(world, rank, nbytes, device)
+    avail = level_zero.availability()
+    if not avail:
+        raise CclError(avail.reason)
+    return level_zero.LevelZeroRegion.for_torch_device(world, rank, nbytes, device)
 
 
 def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:

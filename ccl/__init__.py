@@ -5,6 +5,7 @@ its own inbox; the all-reduce is fused with residual-add + RMSNorm and the TP-sh
 """
 
 from ccl.comm import Communicator, NormStyle, ReduceOp
+from ccl import backend as _backend  # noqa: F401  (importing it registers the "mbx" backend)
 from ccl.errors import (
     CclError,
     CollectiveMismatch,

@@ -8,6 +8,7 @@ wrapped torch.distributed backend.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import logging
@@ -41,15 +42,9 @@ _CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
 _OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake"}
 
 _OK, _TIMEOUT, _MISMATCH = 0, 1, 2
+# Header flag bits (csrc/host/mailbox.h): the reduce op and how the payload travels.
+_HDR_RESIDUAL, _HDR_GEMMA, _HDR_BULK, _HDR_TWO_SHOT, _HDR_DELEGATED = 0x01, 0x02, 0x20, 0x40, 0x80
 
-_comm_ids = itertools.count()
-
-
-class NormStyle(enum.Enum):
-    """How the RMSNorm weight is applied: ``w`` (Llama) or ``1 + w`` (Gemma)."""
-
-    STANDARD = "standard"
-    GEMMA = "gemma"
 
 
 class ReduceOp(enum.Enum):
@@ -57,6 +52,18 @@ class ReduceOp(enum.Enum):
     AVG = "avg"
     MAX = "max"
     MIN = "min"
+
+
+# Reduce op -> header bits, so ranks that disagree (SUM on one, AVG on another) are caught.
+_OP_FLAGS = {ReduceOp.SUM: 0x00, ReduceOp.AVG: 0x04, ReduceOp.MAX: 0x08, ReduceOp.MIN: 0x0C}
+_OP_FLAG_NAMES = {0x04: "avg", 0x08: "max", 0x0C: "min"}
+
+
+class NormStyle(enum.Enum):
+    """How the RMSNorm weight is applied: ``w`` (Llama) or ``1 + w`` (Gemma)."""
+
+    STANDARD = "standard"
+    GEMMA = "gemma"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -121,6 +128,9 @@ def _is_registered(group) -> bool:
         return False
 
 
+_group_counters: collections.defaultdict = collections.defaultdict(itertools.count)
+
+
 def _bootstrap(group: Any, timeout_s: float) -> tuple[Exchange, _Fallback]:
     """An all-gather exchange for setup, and the backend used above mailbox capacity."""
     if group is not None and type(group).__module__.startswith("mpi4py"):
@@ -131,11 +141,13 @@ def _bootstrap(group: Any, timeout_s: float) -> tuple[Exchange, _Fallback]:
     if group is None and not dist.is_initialized():
         if "RANK" in os.environ and "MASTER_PORT" in os.environ:
             store, rank, world = env_store(timeout_s)
+            prefix = f"ccl/env/{next(_group_counters['env'])}"
             # A private gloo group on the same store is the wrapped backend.
             pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("ccl/gloo", store), rank, world, timedelta(seconds=timeout_s)
+                dist.PrefixStore(f"{prefix}/gloo", store), rank, world,
+                timedelta(seconds=timeout_s),
             )
-            return StoreExchange(store, rank, world, f"ccl/env/{next(_comm_ids)}"), _Fallback(group=pg)
+            return StoreExchange(store, rank, world, prefix, timeout_s), _Fallback(group=pg)
         raise ConfigError(
             "Communicator() needs a bootstrap: pass a torch.distributed group, an mpi4py "
             "communicator, call torch.distributed.init_process_group first, or set RANK, "
@@ -145,11 +157,12 @@ def _bootstrap(group: Any, timeout_s: float) -> tuple[Exchange, _Fallback]:
     store = dist.distributed_c10d._get_default_store()
     rank = dist.get_rank(pg)
     world = dist.get_world_size(pg)
-    # Group names are identical on every rank, and the counter advances identically as long
-    # as communicators over a group are created in the same order everywhere (as NCCL needs).
+    # Group names are identical on every member, and a counter per group advances
+    # identically as long as communicators over a group are created in the same order on its
+    # members (as NCCL requires); a per-process counter would diverge for overlapping groups.
     name = dist.distributed_c10d._get_group_tag(pg) or "world"
-    prefix = f"ccl/{name}/{next(_comm_ids)}"
-    return StoreExchange(store, rank, world, prefix), _Fallback(group=pg)
+    prefix = f"ccl/{name}/{next(_group_counters[name])}"
+    return StoreExchange(store, rank, world, prefix, timeout_s), _Fallback(group=pg)
 
 
 class Communicator:
@@ -301,6 +314,7 @@ class Communicator:
         """Unmaps every mailbox and closes its fds. Local, idempotent."""
         self._closed = True
         self._mailbox = None
+        self._fallback = _Fallback()
         if self._device_mailbox is not None:
             self._device_mailbox.close()
             self._device_mailbox = None
@@ -369,7 +383,7 @@ class Communicator:
         # per token, so Python overhead here is the op's latency on the host transport.
         mailbox = self._mailbox
         if mailbox is not None and out is None and algorithm is None and op is ReduceOp.SUM:
-            code = _DTYPE_CODES.get(tensor.dtype)
+            code = _DTYPE_CODES.get(getattr(tensor, "dtype", None))
             if code is not None and tensor.is_cpu and tensor.is_contiguous():
                 nbytes = tensor.nbytes
                 if nbytes <= self.max_bytes:
@@ -381,6 +395,9 @@ class Communicator:
                         self._raise(st)
                     return tensor
         mailbox = self._live()
+        if not isinstance(op, ReduceOp):
+            op = ReduceOp(op)
+        self._algorithm(0, algorithm)  # reject a bad name before anything runs
         if mailbox is None:
             return self._all_reduce_device(tensor, op, out, algorithm)
         code = self._check(tensor, "tensor")
@@ -391,18 +408,17 @@ class Communicator:
                 f"out must be a contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
                 f", got {out.dtype} {tuple(out.shape)}"
             )
-        if not isinstance(op, ReduceOp):
-            op = ReduceOp(op)
         numel = tensor.numel()
         nbytes = numel * tensor.element_size()
+        op_flags = _OP_FLAGS[op]
         if nbytes > self.max_bytes or op in (ReduceOp.MAX, ReduceOp.MIN):
-            self._handshake(1, code, numel, 0, 0.0)
+            self._handshake(1, code, numel, 0, 0.0, op_flags)
             if out is not tensor:
                 out.copy_(tensor)
             self._delegate(out, op, nbytes)
             return out
         algo = self._algorithm(nbytes, algorithm)
-        st = mailbox.all_reduce(tensor.data_ptr(), out.data_ptr(), numel, code, algo)
+        st = mailbox.all_reduce(tensor.data_ptr(), out.data_ptr(), numel, code, algo, op_flags)
         if st:
             self._raise(st)
         if op is ReduceOp.AVG:
@@ -432,7 +448,7 @@ class Communicator:
         fused_add_rms_norm); they are allocated when not given.
         """
         mailbox = self._mailbox
-        code = _DTYPE_CODES.get(x.dtype)
+        code = _DTYPE_CODES.get(getattr(x, "dtype", None))
         if (
             mailbox is not None
             and code is not None
@@ -450,6 +466,7 @@ class Communicator:
             and weight.is_cpu
             and weight.is_contiguous()
             and x.dim() > 0
+            and x.shape[-1] > 0
             and weight.shape == x.shape[-1:]
         ):
             # Fast path (the decode case: caller-owned outputs, standard norm).
@@ -471,6 +488,7 @@ class Communicator:
                 self._raise(st)
             return out, residual_out
         mailbox = self._live()
+        self._algorithm(0, algorithm)  # reject a bad name before anything runs
         if mailbox is None:
             return self._add_rms_norm_device(
                 x, residual, weight, eps, norm_style, out, residual_out, algorithm
@@ -488,8 +506,10 @@ class Communicator:
         gemma = NormStyle(norm_style) is NormStyle.GEMMA
         nbytes = x.numel() * x.element_size()
         if nbytes > self.max_bytes:
-            self._handshake(2, code, x.numel(), cols, eps)
-            summed = x.clone()
+            norm_flags = (_HDR_RESIDUAL if residual is not None else 0) | (_HDR_GEMMA if gemma else 0)
+            self._handshake(2, code, x.numel(), cols, eps, norm_flags)
+            # fp32 through the backend: the op promises no intermediate rounding.
+            summed = x.float()
             self._delegate(summed, ReduceOp.SUM, nbytes)
             from ccl.kernels.reference import add_rms_norm_reference
 
@@ -613,7 +633,7 @@ class Communicator:
         if dm is None or nbytes > self.max_bytes:
             if dm is not None:
                 dm.handshake(2, code, x.numel(), x.shape[-1], eps)
-            summed = x.clone()
+            summed = x.float()
             self._delegate(summed, ReduceOp.SUM, nbytes)
             from ccl.kernels.reference import add_rms_norm_reference
 
@@ -710,8 +730,9 @@ class Communicator:
             raise ValueError(f"{name} must be {ref.dtype} of shape {tuple(ref.shape)}")
         return t
 
-    def _handshake(self, op: int, code: int, numel: int, cols: int, eps: float) -> None:
-        st = self._live().handshake(op, code, numel, cols, float(eps))
+    def _handshake(self, op: int, code: int, numel: int, cols: int, eps: float,
+                   op_flags: int = 0) -> None:
+        st = self._live().handshake(op, code, numel, cols, float(eps), op_flags)
         if st:
             self._raise(st)
 
@@ -777,6 +798,16 @@ def _describe(h) -> str:
         parts.append(f", cols={h.cols}")
     if op in (2, 3):
         parts.append(f", eps={eps.item():g}")
-    if flags & 0x80:
+    if op == 1 and flags & 0x0C:
+        parts.append(f", op={_OP_FLAG_NAMES[flags & 0x0C]}")
+    if flags & _HDR_RESIDUAL:
+        parts.append(", residual")
+    if flags & _HDR_GEMMA:
+        parts.append(", gemma")
+    if flags & _HDR_TWO_SHOT:
+        parts.append(", two_shot")
+    if flags & _HDR_BULK:
+        parts.append(", bulk")
+    if flags & _HDR_DELEGATED:
         parts.append(", via the wrapped backend")
     return "".join(parts) + ")"

@@ -31,7 +31,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from ccl import _C
-from ccl.errors import TransportError
+from ccl.errors import CollectiveTimeout, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +58,39 @@ _store_ids = itertools.count()
 
 
 class StoreExchange:
-    """StoreExchange(store, rank, world_size, prefix)
+    """StoreExchange(store, rank, world_size, prefix, timeout_s=None)
 
     All-gather through a torch.distributed Store (TCPStore, FileStore, PrefixStore...). Each
-    call uses fresh keys; every rank deletes nothing, so prefixes must be unique per use.
+    call uses fresh keys, so prefixes must be unique per use. Every wait is bounded by
+    ``timeout_s`` (default: the store's own timeout); on expiry a CollectiveTimeout names the
+    ranks whose keys never appeared.
     """
 
-    def __init__(self, store, rank: int, world_size: int, prefix: str):
+    def __init__(self, store, rank: int, world_size: int, prefix: str,
+                 timeout_s: float | None = None):
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.prefix = prefix
+        self.timeout_s = timeout_s
         self._round = 0
 
     def all_gather(self, obj: Any) -> list[Any]:
         key = f"{self.prefix}/ag{self._round}"
         self._round += 1
         self.store.set(f"{key}/{self.rank}", pickle.dumps(obj))
-        out = []
-        for r in range(self.world_size):
-            out.append(pickle.loads(self.store.get(f"{key}/{r}")))
-        return out
+        keys = [f"{key}/{r}" for r in range(self.world_size)]
+        if self.timeout_s is not None:
+            try:
+                self.store.wait(keys, timedelta(seconds=self.timeout_s))
+            except Exception as e:  # torch raises DistStoreError / RuntimeError by version
+                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: bootstrap exchange timed out after "
+                    f"{self.timeout_s:.1f}s waiting for rank(s) {missing} ({e})",
+                    missing, self.rank, self.timeout_s,
+                ) from None
+        return [pickle.loads(self.store.get(k)) for k in keys]
 
 
 class MpiExchange:
@@ -93,8 +105,15 @@ class MpiExchange:
         return self.comm.allgather(obj)
 
 
+_env_stores: dict[tuple, Any] = {}
+
+
 def env_store(timeout_s: float = 300.0):
-    """(store, rank, world_size) from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT."""
+    """(store, rank, world_size) from RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+
+    One TCPStore per (address, port, rank, world) for the life of the process: only one
+    server can listen on MASTER_PORT, so later communicators share it (with their own key
+    prefixes)."""
     import torch.distributed as dist
 
     try:
@@ -107,9 +126,13 @@ def env_store(timeout_s: float = 300.0):
             f"cannot bootstrap from the environment: {e.args[0]} is not set (set RANK, "
             "WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or pass a process group / mpi4py comm)"
         ) from None
-    store = dist.TCPStore(
-        addr, port, world, is_master=(rank == 0), timeout=timedelta(seconds=timeout_s)
-    )
+    key = (addr, port, rank, world)
+    store = _env_stores.get(key)
+    if store is None:
+        store = dist.TCPStore(
+            addr, port, world, is_master=(rank == 0), timeout=timedelta(seconds=timeout_s)
+        )
+        _env_stores[key] = store
     return store, rank, world
 
 
@@ -144,10 +167,11 @@ _PR_SET_PTRACER = 0x59616D61
 _PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 
 
-def _allow_ptrace_by_peers() -> None:
+def _set_ptracer(value: int) -> None:
+    """prctl(PR_SET_PTRACER): lets peers pidfd_getfd our fd under Yama ptrace_scope=1."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PTRACER, ctypes.c_ulong(_PR_SET_PTRACER_ANY), 0, 0, 0)
+        libc.prctl(_PR_SET_PTRACER, ctypes.c_ulong(value), 0, 0, 0)
     except OSError:  # pragma: no cover - non-Linux
         pass
 
@@ -177,7 +201,7 @@ def exchange_fds(
         listener.bind(address)
         listener.listen(max(world, 8))
     else:
-        _allow_ptrace_by_peers()
+        _set_ptracer(_PR_SET_PTRACER_ANY)
     try:
         mine = PeerInfo(rank, os.getpid(), os.getuid(), node_id(), address, my_fd)
         infos: list[PeerInfo] = exchange.all_gather((mine, job_id if rank == 0 else None))
@@ -190,9 +214,15 @@ def exchange_fds(
                     "mailbox transports need every rank on one host (multi-node: use the torch backend \"mbx\")"
                 )
         if method == "pidfd":
-            return {
-                p.rank: _C.host.pidfd_dup(p.pid, p.fd) for p in peers if p.rank != rank
-            }
+            try:
+                fds = {p.rank: _C.host.pidfd_dup(p.pid, p.fd) for p in peers if p.rank != rank}
+            except RuntimeError as e:
+                raise TransportError(f"rank {rank}: pidfd fd exchange failed: {e}") from None
+            finally:
+                # Everyone has its fds once all are past this point: revoke the grant.
+                exchange.all_gather(None)
+                _set_ptracer(0)
+            return fds
         return _socket_exchange(listener, peers, rank, my_fd, job_id, timeout_s)
     finally:
         if listener is not None:
@@ -214,9 +244,14 @@ def _socket_exchange(
             continue
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
             s.settimeout(timeout_s)
-            s.connect(p.address)
-            # The message and its fd stay queued on the receiver's side after we close.
-            socket.send_fds(s, [_HELLO.pack(job_id, rank)], [my_fd])
+            try:
+                s.connect(p.address)
+                # The message and its fd stay queued on the receiver's side after we close.
+                socket.send_fds(s, [_HELLO.pack(job_id, rank)], [my_fd])
+            except OSError as e:
+                raise TransportError(
+                    f"rank {rank}: cannot reach rank {p.rank}'s fd socket (pid {p.pid}): {e}"
+                ) from None
     received: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
     expected = {p.rank: p for p in peers if p.rank != rank}

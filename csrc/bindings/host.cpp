@@ -86,10 +86,14 @@ void register_host(py::module_& root) {
   py::class_<HostMailbox>(m, "HostMailbox")
       .def(py::init<int, int, std::vector<uintptr_t>, size_t, double>(), py::arg("rank"),
            py::arg("world"), py::arg("bases"), py::arg("capacity_bytes"), py::arg("timeout_s"))
-      .def("all_reduce", &HostMailbox::all_reduce, py::call_guard<py::gil_scoped_release>())
+      .def("all_reduce", &HostMailbox::all_reduce, py::arg("inp"), py::arg("out"),
+           py::arg("numel"), py::arg("dtype"), py::arg("algo"), py::arg("op_flags") = 0,
+           py::call_guard<py::gil_scoped_release>())
       .def("add_rms_norm", &HostMailbox::add_rms_norm, py::call_guard<py::gil_scoped_release>())
       .def("qk_rms_norm", &HostMailbox::qk_rms_norm, py::call_guard<py::gil_scoped_release>())
-      .def("handshake", &HostMailbox::handshake, py::call_guard<py::gil_scoped_release>())
+      .def("handshake", &HostMailbox::handshake, py::arg("op"), py::arg("dtype"),
+           py::arg("numel"), py::arg("cols"), py::arg("eps"), py::arg("op_flags") = 0,
+           py::call_guard<py::gil_scoped_release>())
       .def("last_error", &HostMailbox::last_error, py::return_value_policy::copy)
       .def_property("seq", &HostMailbox::seq, &HostMailbox::set_seq)
       .def("set_timeout", &HostMailbox::set_timeout)

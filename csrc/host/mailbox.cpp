@@ -384,14 +384,18 @@ void HostMailbox::push_payload(const Call& c, const OpHeader& hdr, const uint8_t
       }
     }
     if (c.scrub) {
+      // Unused words get flag-2: recent enough to keep every flag within 2^31 calls, and
+      // never the current flag, so a reader that expects more words than were sent (or
+      // another protocol) waits and times out instead of reading zeros as data.
+      const uint32_t stale = c.flag - 2;
       const size_t ll_used = bulk ? 0 : static_cast<size_t>(w1 - w0);
       const size_t flags_used =
           bulk ? static_cast<size_t>((w1 - w0 + kChunkWords - 1) / kChunkWords) : 0;
-      push_tail(slot + layout_.ll_offset, ll_used, layout_.ll_words, c.flag);
-      push_tail(slot + layout_.flags_offset, flags_used, layout_.flag_words, c.flag);
-      // hop-2 slots are written below by two-shot owners; other calls scrub them whole.
-      if (algo == Algo::kOneShot || in == nullptr)
-        push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), 0, layout_.hop2_words, c.flag);
+      push_tail(slot + layout_.ll_offset, ll_used, layout_.ll_words, stale);
+      push_tail(slot + layout_.flags_offset, flags_used, layout_.flag_words, stale);
+      // Two-shot owners overwrite the used part of hop 2 with the current flag later; doing
+      // the whole slot here keeps the scrub even when the call ends early (mismatch).
+      push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), 0, layout_.hop2_words, stale);
     }
   }
 }
@@ -455,14 +459,6 @@ int HostMailbox::reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, i
     sink(e0, e1, a);
   };
   if (int st = reduce_words(mw0, mw1, mw0, push_and_sink); st != kOk) return st;
-  if (c.scrub) {
-    const size_t used =
-        static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>(n, mw1 * epw) - me0));
-    for (int i = 1; i < world_; ++i) {
-      int p = (rank_ + i) % world_;
-      push_tail(layout_.hop2_slot(bases_[p], c.phase, rank_), used, layout_.hop2_words, c.flag);
-    }
-  }
   // Gather the other owners' reduced shards (fp32, one per packet).
   for (int i = 1; i < world_; ++i) {
     int owner = (rank_ + i) % world_;
@@ -482,6 +478,13 @@ int HostMailbox::reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, i
   return kOk;
 }
 
+uint8_t HostMailbox::call_flags(int64_t numel, DType dt, int algo, int op_flags) const {
+  const size_t nbytes = static_cast<size_t>(numel) * dtype_size(dt);
+  return static_cast<uint8_t>((op_flags & (kHdrOpMask | kHdrResidual | kHdrGemma)) |
+                              (algo == static_cast<int>(Algo::kTwoShot) ? kHdrTwoShot : 0) |
+                              (nbytes > ll_max_bytes_ ? kHdrBulk : 0));
+}
+
 namespace {
 OpHeader make_header(OpCode op, DType dt, uint8_t flags, int64_t numel, uint32_t cols,
                      float eps) {
@@ -496,10 +499,11 @@ OpHeader make_header(OpCode op, DType dt, uint8_t flags, int64_t numel, uint32_t
 }  // namespace
 
 int HostMailbox::all_reduce(uintptr_t in_p, uintptr_t out_p, int64_t numel, int dtype,
-                            int algo) {
+                            int algo, int op_flags) {
   const DType dt = static_cast<DType>(dtype);
   Call c = begin_call();
-  const OpHeader hdr = make_header(OpCode::kAllReduce, dt, 0, numel, 0, 0.0f);
+  const OpHeader hdr =
+      make_header(OpCode::kAllReduce, dt, call_flags(numel, dt, algo, op_flags), numel, 0, 0.0f);
   const uint8_t* in = reinterpret_cast<const uint8_t*>(in_p);
   uint8_t* out = reinterpret_cast<uint8_t*>(out_p);
   return reduce(c, hdr, in, numel, dt, static_cast<Algo>(algo),
@@ -514,7 +518,8 @@ int HostMailbox::add_rms_norm(uintptr_t x_p, uintptr_t residual_p, uintptr_t wei
   const DType dt = static_cast<DType>(dtype);
   const int64_t n = rows * cols;
   Call c = begin_call();
-  const uint8_t flags = (residual_p ? 1 : 0) | (gemma ? 2 : 0);
+  const uint8_t flags =
+      call_flags(n, dt, algo, (residual_p ? kHdrResidual : 0) | (gemma ? kHdrGemma : 0));
   const OpHeader hdr =
       make_header(OpCode::kAddRmsNorm, dt, flags, n, static_cast<uint32_t>(cols), eps);
   float* sums = scratch(static_cast<size_t>(n));
@@ -544,7 +549,8 @@ int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int
   Call c = begin_call();
   const uint32_t cols = (static_cast<uint32_t>(q_cols & 0xffff) << 16) |
                         static_cast<uint32_t>(k_cols & 0xffff);
-  const OpHeader hdr = make_header(OpCode::kQkRmsNorm, dt, 0, rows, cols, eps);
+  const OpHeader hdr = make_header(OpCode::kQkRmsNorm, dt,
+                                   call_flags(2 * rows, DType::kFloat32, 0, 0), rows, cols, eps);
   int st = reduce(c, hdr, reinterpret_cast<const uint8_t*>(partial), 2 * rows, DType::kFloat32,
                   Algo::kOneShot, [&](int64_t e0, int64_t e1, const float* a) {
                     std::memcpy(sums + e0, a, 4 * (e1 - e0));
@@ -567,9 +573,11 @@ int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int
   return kOk;
 }
 
-int HostMailbox::handshake(int op, int dtype, int64_t numel, int64_t cols, float eps) {
+int HostMailbox::handshake(int op, int dtype, int64_t numel, int64_t cols, float eps,
+                           int op_flags) {
   Call c = begin_call();
-  const OpHeader hdr = make_header(static_cast<OpCode>(op), static_cast<DType>(dtype), 0x80,
+  const OpHeader hdr = make_header(static_cast<OpCode>(op), static_cast<DType>(dtype),
+                                   static_cast<uint8_t>(kHdrDelegated | (op_flags & (kHdrOpMask | kHdrResidual | kHdrGemma))),
                                    numel, static_cast<uint32_t>(cols), eps);
   push_payload(c, hdr, nullptr, 0, DType::kFloat32, Algo::kOneShot);
   return exchange_headers(c, hdr);

@@ -29,6 +29,15 @@ enum class Algo : int { kOneShot = 0, kTwoShot = 1 };
 // Default LL/bulk switch on the host (tuned with ccl-bench on the 2-core CI machine class).
 constexpr size_t kDefaultLLMaxBytes = 256;
 
+// Header flag bits (the low byte of OpHeader::op_dtype_flags). Everything that makes ranks
+// read the payload differently is in the header, so a disagreement is a CollectiveMismatch.
+constexpr uint8_t kHdrResidual = 0x01;
+constexpr uint8_t kHdrGemma = 0x02;
+constexpr uint8_t kHdrOpMask = 0x0c;  // reduce op of all_reduce: 0 sum, 4 avg, 8 max, 12 min
+constexpr uint8_t kHdrBulk = 0x20;
+constexpr uint8_t kHdrTwoShot = 0x40;
+constexpr uint8_t kHdrDelegated = 0x80;  // handshake before the wrapped backend runs the call
+
 enum Status : int {
   kOk = 0,
   kTimeout = 1,
@@ -52,7 +61,10 @@ class HostMailbox {
               double timeout_s);
 
   // out may alias in. numel elements of dtype.
-  int all_reduce(uintptr_t in, uintptr_t out, int64_t numel, int dtype, int algo);
+  // op_flags: kHdrOpMask bits (the reduce op the caller finishes with), so ranks that
+  // disagree on SUM/AVG are caught.
+  int all_reduce(uintptr_t in, uintptr_t out, int64_t numel, int dtype, int algo,
+                 int op_flags = 0);
   // x, out: [rows, cols]; residual / residual_out may be 0 (no residual). weight: [cols].
   int add_rms_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out,
                    uintptr_t residual_out, int64_t rows, int64_t cols, int dtype, float eps,
@@ -63,7 +75,7 @@ class HostMailbox {
                   uintptr_t q_weight, uintptr_t k_weight, uintptr_t q_out, uintptr_t k_out,
                   int64_t q_out_stride, int64_t k_out_stride, int64_t rows, int64_t q_cols, int64_t k_cols, int dtype, float eps);
   // Header-only exchange: proves every rank makes the same call before a fallback.
-  int handshake(int op, int dtype, int64_t numel, int64_t cols, float eps);
+  int handshake(int op, int dtype, int64_t numel, int64_t cols, float eps, int op_flags = 0);
 
   const LastError& last_error() const { return err_; }
   uint64_t seq() const;
@@ -93,6 +105,7 @@ class HostMailbox {
   int reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, int64_t numel, DType dt,
              Algo algo, Sink&& sink);
   int timeout_error(const Call& c, int waiting_on);
+  uint8_t call_flags(int64_t numel, DType dt, int algo, int op_flags) const;
   float* scratch(size_t n);
 
   int rank_;

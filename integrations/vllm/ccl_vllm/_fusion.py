@@ -1,0 +1,218 @@
+"""All-reduce + residual add + RMSNorm fusion, by rewiring a loaded vLLM model.
+
+In a Llama-shaped decoder stack every row-parallel output is all-reduced and then consumed
+by exactly one RMSNorm in its residual form ``norm(x, residual) -> (normed, residual)``:
+
+    layers[i].self_attn.o_proj  ->  layers[i].post_attention_layernorm
+    layers[i].mlp.down_proj     ->  layers[i+1].input_layernorm   (last layer: model.norm)
+
+:func:`fuse_model` sets ``reduce_results = False`` on each of those ``RowParallelLinear``\\ s
+(so they return their partial sum) and swaps the paired ``RMSNorm``'s class for a subclass
+whose ``forward(x, residual)`` calls ``ccl::all_reduce_add_rms_norm_``: one collective that
+all-reduces the partials and applies the residual add and the norm. That covers 2L of the
+2L + 1 all-reduces of a forward step; the embedding's all-reduce (consumed by
+``layers[0].input_layernorm`` without a residual, and also used as the first residual) stays
+a plain ``ccl::all_reduce_``. It works on the model instance after weight loading, copies no
+vLLM forward code, and survives vLLM's CPU compile (Dynamo reads ``reduce_results`` and
+traces the swapped ``forward``; the op is a registered torch op).
+
+Which models: those whose model and decoder-layer ``forward`` are in :data:`MODEL_FORWARDS`
+and :data:`LAYER_FORWARDS` (vLLM 0.32: Llama, Mistral, Qwen2, Qwen3 and everything vLLM maps
+onto them) — read from the source: they pass the row-parallel outputs straight to those norms.
+Anything else is left alone (the all-reduce routing still applies). Also left alone: LoRA,
+speculative decoding (EAGLE-3 reads un-normalised hidden states between layers), pipeline
+parallelism, ``GemmaRMSNorm`` and norms with ``var_hidden_size``.
+
+Hook for a fused row-parallel GEMV (``linear_all_reduce_add_rms_norm``): :func:`_fused_layers`
+returns the validated (linear, norm) pairs; a later implementation can rewire the same pairs
+so that the linear's GEMV pushes its partial and the norm finishes the reduction.
+"""
+
+import logging
+from typing import NamedTuple
+
+import torch
+
+from ccl_vllm import _ops
+
+logger = logging.getLogger("vllm.ccl_vllm")
+
+__all__ = ["LAYER_FORWARDS", "MODEL_FORWARDS", "FusedPair", "fuse_model"]
+
+_MODELS = "vllm.model_executor.models"
+#: ``forward``\\ s (module.qualname) of models whose layers run in ``model.layers`` order and end
+#: with ``hidden_states, _ = self.norm(hidden_states, residual)``.
+MODEL_FORWARDS = {
+    f"{_MODELS}.llama.LlamaModel.forward",
+    f"{_MODELS}.mistral.MistralModel.forward",
+    f"{_MODELS}.qwen2.Qwen2Model.forward",  # Qwen3Model inherits it
+}
+#: Decoder-layer ``forward``\\ s of the form: ``input_layernorm(h, residual)``; self_attn (ends
+#: in o_proj); ``post_attention_layernorm(h, residual)``; mlp (ends in down_proj).
+LAYER_FORWARDS = {
+    f"{_MODELS}.llama.LlamaDecoderLayer.forward",
+    f"{_MODELS}.mistral.MistralDecoderLayer.forward",
+    f"{_MODELS}.qwen2.Qwen2DecoderLayer.forward",
+    f"{_MODELS}.qwen3.Qwen3DecoderLayer.forward",
+}
+
+
+class FusedPair(NamedTuple):
+    """A row-parallel linear whose all-reduce moves into the RMSNorm that consumes it."""
+
+    linear: torch.nn.Module
+    norm: torch.nn.Module
+    linear_name: str
+    norm_name: str
+
+
+def _vllm_types() -> tuple[type, type]:
+    """(RowParallelLinear, RMSNorm); a function so that tests can substitute fakes."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    return RowParallelLinear, RMSNorm
+
+
+def _forward_name(obj) -> str:
+    f = getattr(type(obj), "forward", None)
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}"
+
+
+def _pairs(model) -> tuple[list[FusedPair], str | None]:
+    """Structural pairing and every check; (pairs, None) or ([], why not)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    final_norm = getattr(inner, "norm", None)
+    if layers is None or final_norm is None:
+        return [], f"{type(model).__name__} has no model.layers / model.norm"
+    if _forward_name(inner) not in MODEL_FORWARDS:
+        return [], f"model forward {_forward_name(inner)} is not a known Llama-shaped forward"
+    n = len(layers)
+    if n == 0 or getattr(inner, "start_layer", 0) != 0 or getattr(inner, "end_layer", n) != n:
+        return [], "this rank does not hold every layer (pipeline parallelism)"
+    linear_cls, norm_cls = _vllm_types()
+    pairs: list[FusedPair] = []
+    for i, layer in enumerate(layers):
+        if _forward_name(layer) not in LAYER_FORWARDS:
+            return [], f"layer {i}: {_forward_name(layer)} is not a known Llama-shaped forward"
+        o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        down_proj = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        post_norm = getattr(layer, "post_attention_layernorm", None)
+        if i + 1 < n:
+            next_norm, next_name = getattr(layers[i + 1], "input_layernorm", None), \
+                f"model.layers.{i + 1}.input_layernorm"
+        else:
+            next_norm, next_name = final_norm, "model.norm"
+        pairs.append(FusedPair(o_proj, post_norm, f"model.layers.{i}.self_attn.o_proj",
+                               f"model.layers.{i}.post_attention_layernorm"))
+        pairs.append(FusedPair(down_proj, next_norm, f"model.layers.{i}.mlp.down_proj", next_name))
+    seen: set[int] = set()
+    for p in pairs:
+        lin, norm = p.linear, p.norm
+        if not isinstance(lin, linear_cls):
+            return [], f"{p.linear_name} is {type(lin).__name__}, not {linear_cls.__name__}"
+        if not getattr(lin, "reduce_results", False):
+            return [], f"{p.linear_name} does not all-reduce its output (already fused?)"
+        if getattr(lin, "skip_bias_add", False):
+            return [], f"{p.linear_name} leaves its bias to the caller (skip_bias_add)"
+        if getattr(lin, "tp_size", 1) <= 1:
+            return [], f"{p.linear_name} is not tensor-parallel"
+        if type(norm) is not norm_cls:
+            return [], f"{p.norm_name} is {type(norm).__name__}, not {norm_cls.__name__}"
+        if getattr(norm, "variance_size_override", None) is not None:
+            return [], f"{p.norm_name} normalises over a partial width (var_hidden_size)"
+        if id(norm) in seen:
+            return [], f"{p.norm_name} consumes two row-parallel outputs"
+        seen.add(id(norm))
+    return pairs, None
+
+
+def _fused_layers(model) -> list[FusedPair]:
+    """_fused_layers(model) -> [FusedPair(linear, norm, linear_name, norm_name), ...]
+
+    The (row-parallel linear, consuming RMSNorm) pairs of a Llama-shaped vLLM model that pass
+    every check (see the module docstring), in forward order; [] when the model does not
+    qualify. Local; changes nothing. The hook for fused all-reduce epilogues: this plugin
+    moves each linear's all-reduce into its norm; a fused GEMV can take the same pairs.
+    """
+    return _pairs(model)[0]
+
+
+def _config_reason(vllm_config) -> str | None:
+    if vllm_config is None:
+        return None
+    if getattr(vllm_config, "lora_config", None) is not None:
+        return "LoRA is enabled (LoRA wraps the row-parallel layers and all-reduces itself)"
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return "speculative decoding is enabled (EAGLE-3 reads hidden states between layers)"
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is not None and getattr(pc, "pipeline_parallel_size", 1) != 1:
+        return "pipeline parallelism is enabled"
+    return None
+
+
+_fused_classes: dict[type, type] = {}
+
+
+def _fused_norm_cls(base: type) -> type:
+    """``base`` (vLLM's RMSNorm) with ``forward(x, residual)`` = the fused ccl op."""
+    cls = _fused_classes.get(base)
+    if cls is not None:
+        return cls
+
+    def forward(self, x, residual=None):
+        handle, weight, eps = self._ccl_handle, self.weight.data, self.variance_epsilon
+        if residual is None:
+            # Not the call form this norm was paired for: all-reduce, then the plain norm.
+            if torch.compiler.is_compiling():
+                torch.ops.ccl.all_reduce_(x, handle)
+            else:
+                _ops.all_reduce_(x, handle)
+            return base.forward(self, x)
+        if torch.compiler.is_compiling():
+            torch.ops.ccl.all_reduce_add_rms_norm_(x, residual, weight, eps, handle)
+        else:  # eager: skip the dispatcher
+            _ops.all_reduce_add_rms_norm_(x, residual, weight, eps, handle)
+        return x, residual
+
+    name = f"CclFused{base.__name__}"
+    cls = type(name, (base,), {
+        "forward": forward,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"{base.__name__} whose (x, residual) form all-reduces x first, fused (ccl).",
+    })
+    _fused_classes[base] = cls
+    return cls
+
+
+def fuse_model(model, handle: int, vllm_config=None) -> int:
+    """fuse_model(model, handle, vllm_config=None) -> number of fused pairs
+
+    Rewires ``model`` in place (module docstring) so that each pair's all-reduce runs as
+    ``ccl::all_reduce_add_rms_norm_`` on TP group ``handle``. Validates every pair before it
+    changes anything; returns 0 and logs why when the model or config does not qualify.
+    Local (every rank loads the same model, so every rank makes the same choice).
+    """
+    reason = _config_reason(vllm_config)
+    pairs: list[FusedPair] = []
+    if reason is None:
+        pairs, reason = _pairs(model)
+    if reason is not None:
+        logger.warning(
+            "ccl_vllm: all-reduce + RMSNorm fusion off for %s: %s (the all-reduce still goes "
+            "through ccl; set CCL_VLLM_FUSE=0 to silence)", type(model).__name__, reason,
+        )
+        return 0
+    for p in pairs:
+        p.linear.reduce_results = False
+        p.norm._ccl_handle = handle
+        p.norm.__class__ = _fused_norm_cls(type(p.norm))
+    _ops._counts["rewired_pairs"] += len(pairs)
+    logger.info(
+        "ccl_vllm: fused all-reduce + add + RMSNorm for %d pairs of %s (o_proj -> "
+        "post_attention_layernorm, down_proj -> next input_layernorm / model.norm)",
+        len(pairs), type(model).__name__,
+    )
+    return len(pairs)

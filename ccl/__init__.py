@@ -6,6 +6,8 @@ its own inbox; the all-reduce is fused with residual-add + RMSNorm and the TP-sh
 
 from ccl.comm import Communicator, NormStyle, ReduceOp
 from ccl import backend as _backend  # noqa: F401  (importing it registers the "mbx" backend)
+from ccl.fused_linear import Int4Weights, linear_all_reduce_add_rms_norm
+from ccl.fused_moe import ExpertWeights, moe_all_reduce_add_rms_norm
 from ccl.errors import (
     CclError,
     CollectiveMismatch,
@@ -19,6 +21,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Communicator",
+    "Int4Weights",
+    "ExpertWeights",
+    "linear_all_reduce_add_rms_norm",
+    "moe_all_reduce_add_rms_norm",
     "NormStyle",
     "ReduceOp",
     "CclError",

@@ -186,7 +186,9 @@ def _gloo_qk_rms_norm(q, k, qw, kw, dims, eps) -> Callable[[], object]:
         ss = torch.stack((qf.square().sum(-1), kf.square().sum(-1)), 1)
         dist.all_reduce(ss)
         inv = torch.rsqrt(ss / dims + eps)
-        return (qf * inv[:, :1] * qw.float()).to(q.dtype), (kf * inv[:, 1:] * kw.float()).to(k.dtype)
+        return (qf * inv[:, :1] * qw.float()).to(q.dtype), (kf * inv[:, 1:] * kw.float()).to(
+            k.dtype
+        )
 
     return base
 
@@ -194,10 +196,13 @@ def _gloo_qk_rms_norm(q, k, qw, kw, dims, eps) -> Callable[[], object]:
 BASELINES: dict[tuple[str, str], tuple[str, Callable]] = {
     ("cpu", "all_reduce"): ("gloo all_reduce (torch.distributed, in place)", _gloo_all_reduce),
     ("cpu", "all_reduce_add_rms_norm"): (
-        "gloo all_reduce + torch.add + F.rms_norm", _gloo_add_rms_norm),
+        "gloo all_reduce + torch.add + F.rms_norm",
+        _gloo_add_rms_norm,
+    ),
     ("cpu", "qk_rms_norm"): (
         "local sum of squares + gloo all_reduce of [tokens,2] fp32 + torch scaling",
-        _gloo_qk_rms_norm),
+        _gloo_qk_rms_norm,
+    ),
 }
 
 
@@ -223,7 +228,10 @@ def _all_reduce_case(size: int, comm, cfg: CaseConfig) -> Case:
     dt, dev, world, rank = cfg.dtype, cfg.device, comm.world_size, comm.rank
     numel = size // torch.empty((), dtype=dt).element_size()
     algo = _algo(size, world, comm.max_bytes, cfg.fallback)
-    parts = [[_gen(numel, dt, dev, cfg.seed, "ar", size, k, r) for r in range(world)] for k in range(NROT)]
+    parts = [
+        [_gen(numel, dt, dev, cfg.seed, "ar", size, k, r) for r in range(world)]
+        for k in range(NROT)
+    ]
     xs = [p[rank] for p in parts]
     expected = [all_reduce_reference(p) for p in parts]
     del parts
@@ -250,9 +258,19 @@ def _all_reduce_case(size: int, comm, cfg: CaseConfig) -> Case:
     base_ok = bool(torch.allclose(probe, expected[0], rtol=rtol, atol=atol))
     impls["base"] = [make(torch.zeros_like(xs[0]))]
     return Case(
-        "all_reduce", dt, size, numel, f"{numel}", algo, impls,
-        frozenset(impls) - {"base"}, _poison(outs), check, lambda: _digest(outs[0]), base_ok,
-        {"baseline": name},
+        "all_reduce",
+        dt,
+        size,
+        numel,
+        f"{numel}",
+        algo,
+        impls,
+        frozenset(impls) - {"base"},
+        _poison(outs),
+        check,
+        lambda: _digest(outs[0]),
+        base_ok,
+        {"baseline_impl": name},
     )
 
 
@@ -265,7 +283,10 @@ def _add_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
     algo = _algo(size, world, comm.max_bytes, cfg.fallback)
     weight = (1.0 + 0.1 * _gen(hidden, torch.float32, "cpu", cfg.seed, "w", size)).to(dt).to(dev)
     residual = _gen(shape, dt, dev, cfg.seed, "res", size)
-    parts = [[_gen(shape, dt, dev, cfg.seed, "arn", size, k, r) for r in range(world)] for k in range(NROT)]
+    parts = [
+        [_gen(shape, dt, dev, cfg.seed, "arn", size, k, r) for r in range(world)]
+        for k in range(NROT)
+    ]
     xs = [p[rank] for p in parts]
     expected = [add_rms_norm_reference_parts(p, residual, weight, EPS) for p in parts]
     del parts
@@ -273,7 +294,13 @@ def _add_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
 
     def call(x, o, ro, algorithm=None):
         return functools.partial(
-            comm.all_reduce_add_rms_norm, x, residual, weight, EPS, out=o, residual_out=ro,
+            comm.all_reduce_add_rms_norm,
+            x,
+            residual,
+            weight,
+            EPS,
+            out=o,
+            residual_out=ro,
             algorithm=algorithm,
         )
 
@@ -285,7 +312,10 @@ def _add_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
 
     def check() -> int:
         return sum(
-            not (torch.allclose(o, eo, rtol=rtol, atol=atol) and torch.allclose(ro, ero, rtol=rtol, atol=atol))
+            not (
+                torch.allclose(o, eo, rtol=rtol, atol=atol)
+                and torch.allclose(ro, ero, rtol=rtol, atol=atol)
+            )
             for (o, ro), (eo, ero) in zip(outs, expected)
         )
 
@@ -298,9 +328,19 @@ def _add_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
     )
     impls["base"] = [make(torch.zeros_like(xs[0]), residual, weight, res_out, EPS)]
     return Case(
-        "all_reduce_add_rms_norm", dt, size, numel, f"{rows}x{hidden}", algo, impls,
-        frozenset(impls) - {"base"}, _poison([t for pair in outs for t in pair]), check,
-        lambda: _digest(outs[0][0]) ^ _digest(outs[0][1]), base_ok, {"baseline": name},
+        "all_reduce_add_rms_norm",
+        dt,
+        size,
+        numel,
+        f"{rows}x{hidden}",
+        algo,
+        impls,
+        frozenset(impls) - {"base"},
+        _poison([t for pair in outs for t in pair]),
+        check,
+        lambda: _digest(outs[0][0]) ^ _digest(outs[0][1]),
+        base_ok,
+        {"baseline_impl": name},
     )
 
 
@@ -308,8 +348,14 @@ def _qk_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
     dt, dev, world, rank = cfg.dtype, cfg.device, comm.world_size, comm.rank
     tokens = size // 8
     qc, kc = (max(1, d // world) for d in cfg.qk_dims)
-    qws = [(1.0 + 0.1 * _gen(qc, torch.float32, "cpu", cfg.seed, "qw", r)).to(dt).to(dev) for r in range(world)]
-    kws = [(1.0 + 0.1 * _gen(kc, torch.float32, "cpu", cfg.seed, "kw", r)).to(dt).to(dev) for r in range(world)]
+    qws = [
+        (1.0 + 0.1 * _gen(qc, torch.float32, "cpu", cfg.seed, "qw", r)).to(dt).to(dev)
+        for r in range(world)
+    ]
+    kws = [
+        (1.0 + 0.1 * _gen(kc, torch.float32, "cpu", cfg.seed, "kw", r)).to(dt).to(dev)
+        for r in range(world)
+    ]
     qs, ks, expected = [], [], []
     for rot in range(NROT):
         qp = [_gen((tokens, qc), dt, dev, cfg.seed, "q", size, rot, r) for r in range(world)]
@@ -329,7 +375,10 @@ def _qk_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
 
     def check() -> int:
         return sum(
-            not (torch.allclose(qo, eq, rtol=rtol, atol=atol) and torch.allclose(ko, ek, rtol=rtol, atol=atol))
+            not (
+                torch.allclose(qo, eq, rtol=rtol, atol=atol)
+                and torch.allclose(ko, ek, rtol=rtol, atol=atol)
+            )
             for (qo, ko), (eq, ek) in zip(outs, expected)
         )
 
@@ -342,7 +391,17 @@ def _qk_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
     )
     impls["base"] = [make(q, k, qw, kw, dims, EPS) for q, k in zip(qs, ks)]
     return Case(
-        "qk_rms_norm", dt, size, tokens, f"{tokens}x({qc}+{kc})", "1shot", impls,
-        frozenset({"ccl"}), _poison([t for pair in outs for t in pair]), check, None, base_ok,
-        {"baseline": name, "q_cols": qc, "k_cols": kc},
+        "qk_rms_norm",
+        dt,
+        size,
+        tokens,
+        f"{tokens}x{qc}+{kc}",
+        "1shot",
+        impls,
+        frozenset({"ccl"}),
+        _poison([t for pair in outs for t in pair]),
+        check,
+        None,
+        base_ok,
+        {"baseline_impl": name, "q_cols": qc, "k_cols": kc},
     )

@@ -17,6 +17,7 @@ gloo process group, and bounded small-object all-gathers. Nothing here prints.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def _mpi_world_from_env(env) -> int:
 
 
 def detect_launcher(env=None) -> str:
-    """"spawn-worker", "mpi", "torchrun" or "none" (nothing launched us: spawn the ranks)."""
+    """ "spawn-worker", "mpi", "torchrun" or "none" (nothing launched us: spawn the ranks)."""
     env = os.environ if env is None else env
     if env.get(_LAUNCHER_ENV) == "spawn":
         return "spawn-worker"
@@ -70,9 +71,7 @@ def spawn(module: str, argv: list[str], ranks: int, *, timeout_s: float) -> int:
     must not leave its peers waiting. Rank 0 inherits stdout; every rank inherits stderr.
     """
     store = _host_store(timeout_s)
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(_MPI_ENV_PREFIXES)
-    }
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI_ENV_PREFIXES)}
     base_env.update(
         {
             _LAUNCHER_ENV: "spawn",
@@ -97,23 +96,53 @@ def spawn(module: str, argv: list[str], ranks: int, *, timeout_s: float) -> int:
         status = 0
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                status = failed[0]
+                rank, code = failed[0]
+                how = f"signal {-code}" if code < 0 else f"status {code}"
+                status = 128 - code if code < 0 else code
+                # A rank reporting failed results exits beside the others; a crashed one
+                # leaves them waiting in a collective: after a short grace they are stopped.
+                grace = time.monotonic() + 5.0
+                while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+                    _wait_any(procs, grace - time.monotonic())
+                if any(p.poll() is None for p in procs):
+                    sys.stderr.write(
+                        f"{module}: rank {rank} exited with {how}; stopping the others\n"
+                    )
                 break
             if all(c == 0 for c in codes):
                 break
             if time.monotonic() > deadline:
-                sys.stderr.write(f"{module}: ranks still running after {timeout_s:.0f}s, stopping them\n")
+                sys.stderr.write(
+                    f"{module}: ranks still running after {timeout_s:.0f}s, stopping them\n"
+                )
                 status = 124
                 break
-            time.sleep(0.05)
+            _wait_any(procs, deadline - time.monotonic())
         return status
     except KeyboardInterrupt:
         return 130
     finally:
         _stop(procs)
         del store
+
+
+def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Sleeps until a child exits or ``timeout_s`` passes, without waking up the machine
+    in between (pidfds where available: the ranks are being timed meanwhile)."""
+    live = [p for p in procs if p.returncode is None]
+    timeout_s = max(0.0, timeout_s)
+    try:
+        fds = [os.pidfd_open(p.pid) for p in live]
+    except (AttributeError, OSError):
+        time.sleep(min(timeout_s, 0.2))
+        return
+    try:
+        select.select(fds, [], [], timeout_s)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -148,7 +177,9 @@ class Worker:
         from ccl.rendezvous import StoreExchange
 
         self._round += 1
-        return StoreExchange(self.store, self.rank, self.world_size, f"ccl-cli/{self._round}").all_gather(obj)
+        return StoreExchange(
+            self.store, self.rank, self.world_size, f"ccl-cli/{self._round}"
+        ).all_gather(obj)
 
     def barrier(self) -> None:
         """Collective: returns once every rank reached it."""
@@ -170,11 +201,18 @@ class Worker:
         return Communicator(None, **kwargs)  # the default (gloo) process group
 
     def close(self) -> None:
+        """Collective: tears down the gloo group; the rank hosting the store leaves last."""
         if self.gloo:
             import torch.distributed as dist
 
             dist.destroy_process_group()
             self.gloo = False
+        # Under MPI rank 0 hosts the store: it must outlive every peer's last store access.
+        left = self.store.add("ccl-cli/exit", 1)
+        deadline = time.monotonic() + min(self.timeout_s, 30.0)
+        while self.rank == 0 and left < self.world_size and time.monotonic() < deadline:
+            time.sleep(0.005)
+            left = self.store.add("ccl-cli/exit", 0)
 
 
 def join(launcher: str, *, timeout_s: float, gloo: bool) -> Worker:
@@ -189,7 +227,10 @@ def join(launcher: str, *, timeout_s: float, gloo: bool) -> Worker:
     if launcher == "spawn-worker":
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            None,
+            False,
             timeout=timedelta(seconds=timeout_s),
         )
         launcher = "spawn"
@@ -201,8 +242,10 @@ def join(launcher: str, *, timeout_s: float, gloo: bool) -> Worker:
         server = _host_store(timeout_s) if rank == 0 else None
         port = mpi_comm.bcast(server.port if server is not None else None, root=0)
         # The host transport needs one node, so the loopback address reaches rank 0.
-        store = server if server is not None else dist.TCPStore(
-            "127.0.0.1", port, None, False, timeout=timedelta(seconds=timeout_s)
+        store = (
+            server
+            if server is not None
+            else dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=timeout_s))
         )
     elif launcher == "torchrun":
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -213,7 +256,10 @@ def join(launcher: str, *, timeout_s: float, gloo: bool) -> Worker:
         raise ValueError(f"unknown launcher {launcher!r}")
     if gloo:
         dist.init_process_group(
-            "gloo", store=dist.PrefixStore("ccl-cli/gloo", store), rank=rank, world_size=world,
+            "gloo",
+            store=dist.PrefixStore("ccl-cli/gloo", store),
+            rank=rank,
+            world_size=world,
             timeout=timedelta(seconds=timeout_s),
         )
     return Worker(rank, world, launcher, store, timeout_s, mpi_comm=mpi_comm, gloo=gloo)

@@ -39,7 +39,14 @@ DEFAULT_TIMEOUT_S = 120.0
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
-_OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake"}
+_OP_NAMES = {
+    1: "all_reduce",
+    2: "all_reduce_add_rms_norm",
+    3: "qk_rms_norm",
+    4: "handshake",
+    5: "linear_all_reduce_add_rms_norm",
+    6: "moe_all_reduce_add_rms_norm",
+}
 
 _OK, _TIMEOUT, _MISMATCH = 0, 1, 2
 # Header flag bits (csrc/host/mailbox.h): the reduce op and how the payload travels.
@@ -509,7 +516,7 @@ class Communicator:
             norm_flags = (_HDR_RESIDUAL if residual is not None else 0) | (_HDR_GEMMA if gemma else 0)
             self._handshake(2, code, x.numel(), cols, eps, norm_flags)
             # fp32 through the backend: the op promises no intermediate rounding.
-            summed = x.float()
+            summed = x.to(torch.float32, copy=True)  # never the caller's x
             self._delegate(summed, ReduceOp.SUM, nbytes)
             from ccl.kernels.reference import add_rms_norm_reference
 
@@ -633,7 +640,7 @@ class Communicator:
         if dm is None or nbytes > self.max_bytes:
             if dm is not None:
                 dm.handshake(2, code, x.numel(), x.shape[-1], eps)
-            summed = x.float()
+            summed = x.to(torch.float32, copy=True)  # never the caller's x
             self._delegate(summed, ReduceOp.SUM, nbytes)
             from ccl.kernels.reference import add_rms_norm_reference
 

@@ -35,7 +35,8 @@ _MAX_WORLD = 64
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
 _OP_ALL_REDUCE, _OP_ADD_RMS_NORM, _OP_QK_RMS_NORM, _OP_HANDSHAKE = 1, 2, 3, 4
-_OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake"}
+_OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake",
+             5: "linear_all_reduce_add_rms_norm", 6: "moe_all_reduce_add_rms_norm"}
 _FLAG_RESIDUAL, _FLAG_GEMMA, _FLAG_TWO_SHOT, _FLAG_HANDSHAKE = 0x01, 0x02, 0x40, 0x80
 _MAX_ROW_WORDS = 16384  # fused norm: one program holds a whole row in registers
 

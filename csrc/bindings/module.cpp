@@ -6,6 +6,7 @@ namespace py = pybind11;
 void register_host(py::module_& m);
 void register_cuda(py::module_& m);
 void register_level_zero(py::module_& m);
+void register_gemv(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mailbox-ccl native core: host shared-memory mailboxes and CPU kernels, "
@@ -13,4 +14,5 @@ PYBIND11_MODULE(_C, m) {
   register_host(m);
   register_cuda(m);
   register_level_zero(m);
+  register_gemv(m);
 }

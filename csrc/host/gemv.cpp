@@ -193,7 +193,6 @@ CCL_INLINE void fma_all_rows(const float* x, int64_t ldx, int64_t M, int64_t k0,
 
 // Few activation rows (M <= kRowBlock): no reuse to win from a decoded buffer, so dense W is
 // decoded straight into registers inside the accumulation loop (still row by row along N).
-// (INT4 keeps the buffer: its scales are decoded once per group there, and measured faster.)
 // wv8(k0) -> at; at(j, w) -> 8 vectors: rows k0 .. k0 + 7, columns n0 + j .. + 16.
 template <int MB, typename Wv>
 CCL_INLINE void kn_direct(const float* x, int64_t ldx, int64_t K, int64_t n0, int nv,
@@ -360,6 +359,8 @@ CCL_INLINE void int4_kn(const float* x, int64_t ldx, int64_t M, const LinearWeig
   const auto* sc = static_cast<const typename SIO::T*>(lw.scales);
   const int64_t ldw = lw.ldw, lds = lw.lds, group = lw.group;
   alignas(64) float sbuf[kChunkN];
+  // INT4 keeps the decoded buffer for every M: measured faster here than decoding into
+  // registers (scales are decoded once per group and chunk there).
   auto no_direct = [](int64_t, int64_t, int, float*) {};
   kn_driver<false>(x, ldx, M, lw.K, lw.N,
             [&](int64_t k0, int rows, int64_t n0, int nc, float* wbuf) {

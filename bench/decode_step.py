@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""MiniMax-M2-shaped tensor-parallel decode step: ccl's fused ops vs the unfused baseline
+(wrapped backend all-reduce + torch ops), measured in the same run.
+
+Per layer (TP over ``--world`` ranks, every rank holding 1/world of the heads and of every
+expert's intermediate features)::
+
+    qkv      = x_norm @ Wqkv                                   column-parallel, no comm
+    q, k     = TP qk_rms_norm(q, k)                            all-reduce [M, 2] fp32
+    attn     = attention stand-in (SDPA over a fixed KV cache, GQA)
+    x_norm, residual = RMSNorm(all_reduce(attn @ Wo) + residual)        o_proj (row-par.)
+    ids, p   = top-k(softmax(x_norm @ Wrouter))                replicated router
+    x_norm, residual = RMSNorm(all_reduce(MoE(x_norm)) + residual)      INT4 experts
+
+Paths (same weights, same inputs, same step):
+    ccl        comm.qk_rms_norm, ccl.fused_linear.linear_all_reduce_add_rms_norm,
+               ccl.fused_moe.moe_all_reduce_add_rms_norm (GEMV / experts + all-reduce + norm
+               in one call; CPU: C++ kernels over the host mailbox; CUDA: Triton + device
+               mailbox)
+    baseline   torch.distributed all_reduce (gloo on CPU, NCCL on CUDA) + torch ops:
+               F.linear for o_proj, the same expert kernel for the MoE partial (torch has no
+               INT4 CPU GEMV), torch residual-add + RMSNorm, torch qk norm around an
+               all-reduce of the sums of squares
+    baseline_same_kernels   as baseline, but o_proj through ccl's GEMV (linear_partial): the
+               difference to ccl is then only the communication and the norms
+    compute_only            the ccl path's compute without any communication or norm: the
+               share of a step spent in communication + norms is 1 - compute_only / path
+
+CPU (default; spawns --world processes, one thread each)::
+
+    python bench/decode_step.py                       # reduced MiniMax-M2 shape, 2 ranks
+    python bench/decode_step.py --json bench/results/decode-step-cpu-2rank.json
+
+CUDA, 2 GPUs (NCCL baseline, each path captured in a CUDA graph and replayed)::
+
+    python bench/decode_step.py --device cuda --full  # hidden 3072, 62 layers, 256 experts
+
+The CUDA path is written for 2x H200 and **has not been run yet** (no GPU here); on CUDA the
+MoE partial comes from vLLM's fused_experts when importable (bf16 experts), else a torch
+stand-in, and goes through comm.all_reduce_add_rms_norm.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (KINDS.md)
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+EPS = 1e-6
+
+
+@dataclasses.dataclass
+class Shape:
+    hidden: int = 1024
+    layers: int = 8
+    heads: int = 16
+    kv_heads: int = 4
+    head_dim: int = 64
+    experts: int = 64
+    top_k: int = 8
+    moe_inter: int = 512
+    group_size: int = 128
+    kv_len: int = 128
+    tokens: int = 1
+
+    @classmethod
+    def full(cls) -> Shape:
+        """MiniMax-M2: hidden 3072, 62 layers, 48 q / 8 kv heads of 128, 256 experts top-8,
+        expert intermediate 1536."""
+        return cls(hidden=3072, layers=62, heads=48, kv_heads=8, head_dim=128, experts=256,
+                   top_k=8, moe_inter=1536, group_size=128, kv_len=1024, tokens=1)
+
+
+# =============================================================================== the model
+class Stack:
+    """One rank's shard of the decode stack."""
+
+    def __init__(self, shape: Shape, rank: int, world: int, device, seed: int = 0,
+                 gpu_experts: str = "auto"):
+        import torch
+
+        from ccl.fused_linear import Int4Weights
+        from ccl.fused_moe import ExpertWeights
+
+        s = self.shape = shape
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        for what, n in (("heads", s.heads), ("kv_heads", s.kv_heads), ("moe_inter", s.moe_inter)):
+            if n % world:
+                raise SystemExit(f"{what}={n} is not divisible by world={world}")
+        self.hq = s.heads // world
+        self.hkv = s.kv_heads // world
+        self.inter = s.moe_inter // world
+        bf = torch.bfloat16
+        g = torch.Generator().manual_seed(seed * 1000 + 17)
+
+        def rnd(*shape_, scale=1.0, gen=g):
+            return (torch.randn(*shape_, generator=gen) * scale)
+
+        # Replicated tensors: drawn from a shared generator (identical on every rank).
+        self.x0 = rnd(s.tokens, s.hidden).to(bf)
+        self.in_norm = [(1 + 0.1 * rnd(s.hidden)).to(bf) for _ in range(s.layers + 1)]
+        self.post_norm = [(1 + 0.1 * rnd(s.hidden)).to(bf) for _ in range(s.layers)]
+        self.router = [rnd(s.hidden, s.experts, scale=s.hidden ** -0.5) for _ in range(s.layers)]
+        self.qn = rnd(s.heads * s.head_dim).to(bf)
+        self.kn = rnd(s.kv_heads * s.head_dim).to(bf)
+        # Rank shards: a per-rank generator.
+        gr = torch.Generator().manual_seed(seed * 1000 + 101 + rank)
+        qd, kd = self.hq * s.head_dim, self.hkv * s.head_dim
+        self.q_w = self.qn[rank * qd:(rank + 1) * qd].clone()
+        self.k_w = self.kn[rank * kd:(rank + 1) * kd].clone()
+        self.wqkv, self.wo, self.experts, self.kv = [], [], [], []
+        for _ in range(s.layers):
+            # nn.Linear layouts: [out, in]
+            self.wqkv.append(rnd(qd + 2 * kd, s.hidden, scale=s.hidden ** -0.5, gen=gr).to(bf))
+            self.wo.append(rnd(s.hidden, qd, scale=(s.heads * s.head_dim) ** -0.5, gen=gr).to(bf))
+            w13 = rnd(s.experts, s.hidden, 2 * self.inter, scale=s.hidden ** -0.5, gen=gr)
+            w2 = rnd(s.experts, self.inter, s.hidden, scale=s.moe_inter ** -0.5, gen=gr)
+            if self.device.type == "cpu":
+                self.experts.append(ExpertWeights(Int4Weights.quantize(w13, s.group_size, bf),
+                                                  Int4Weights.quantize(w2, s.group_size, bf)))
+            else:  # vLLM layouts [E, 2I, H] / [E, H, I], bf16
+                self.experts.append((w13.transpose(1, 2).contiguous().to(bf),
+                                     w2.transpose(1, 2).contiguous().to(bf)))
+            kv = rnd(2, s.kv_len, self.hkv, s.head_dim, gen=gr).to(bf)
+            self.kv.append(kv)
+        if self.device.type != "cpu":
+            self._to_device(gpu_experts)
+
+    def _to_device(self, gpu_experts):
+        import torch
+
+        from ccl.fused_moe import VllmExperts
+
+        d = self.device
+        for name in ("x0", "qn", "kn", "q_w", "k_w"):
+            setattr(self, name, getattr(self, name).to(d))
+        for name in ("in_norm", "post_norm", "router", "wqkv", "wo", "kv"):
+            setattr(self, name, [t.to(d) for t in getattr(self, name)])
+        ok, reason = VllmExperts.availability(d)
+        use_vllm = ok and gpu_experts in ("auto", "vllm")
+        if gpu_experts == "vllm" and not ok:
+            raise SystemExit(f"--gpu-experts vllm: {reason}")
+        self.expert_kind = "vllm fused_experts" if use_vllm else f"torch stand-in ({reason})"
+        new = []
+        for w13, w2 in self.experts:
+            w13, w2 = w13.to(d), w2.to(d)
+            new.append(VllmExperts(w13, w2) if use_vllm else _TorchExperts(w13, w2))
+        self.experts = new
+        torch.cuda.synchronize(d)
+
+    # -------------------------------------------------------------------- shared pieces
+    def qkv(self, l, x_norm):
+        import torch.nn.functional as F
+
+        qd, kd = self.hq * self.shape.head_dim, self.hkv * self.shape.head_dim
+        qkv = F.linear(x_norm, self.wqkv[l])
+        return qkv, qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+
+    def attention(self, l, q, k, v):
+        """Attention stand-in: the new token attends to a fixed KV cache plus itself (GQA)."""
+        import torch
+        import torch.nn.functional as F
+
+        s = self.shape
+        m = q.shape[0]
+        kc, vc = self.kv[l][0], self.kv[l][1]  # [L, hkv, d]
+        keys = torch.cat([kc.unsqueeze(0).expand(m, -1, -1, -1), k.view(m, 1, self.hkv, s.head_dim)], 1)
+        vals = torch.cat([vc.unsqueeze(0).expand(m, -1, -1, -1), v.view(m, 1, self.hkv, s.head_dim)], 1)
+        rep = self.hq // self.hkv
+        qh = q.reshape(m, self.hq, 1, s.head_dim)
+        kh = keys.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
+        vh = vals.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(qh, kh, vh)
+        return o.reshape(m, self.hq * s.head_dim)
+
+    def route(self, l, x_norm):
+        from ccl.fused_moe import route_topk
+
+        return route_topk(x_norm.float() @ self.router[l], self.shape.top_k)
+
+
+class _TorchExperts:
+    """CUDA fallback expert kernel (no vLLM): dense bf16 experts, gathered per routing slot."""
+
+    def __init__(self, w13, w2):
+        self.w13, self.w2 = w13, w2  # [E, 2I, H], [E, H, I]
+
+    def __call__(self, x, ids, tw):
+        import torch
+        import torch.nn.functional as F
+
+        w13 = self.w13[ids]  # [M, k, 2I, H]
+        gu = torch.einsum("mh,mkih->mki", x.float(), w13.float())
+        i = gu.shape[-1] // 2
+        h = F.silu(gu[..., :i]) * gu[..., i:]
+        y = torch.einsum("mki,mkhi->mkh", h, self.w2[ids].float())
+        return (y * tw.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def _rms(r, w):
+    import torch
+
+    return r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
+
+
+# =============================================================================== the paths
+def step_ccl(st: Stack, comm, bufs):
+    import torch
+
+    from ccl.fused_linear import linear_all_reduce_add_rms_norm
+    from ccl.fused_moe import moe_all_reduce_add_rms_norm
+
+    residual = bufs["residual"]
+    residual.copy_(st.x0)
+    x_norm = bufs["x_a"]
+    x_norm.copy_(_rms(st.x0.float(), st.in_norm[0]).to(torch.bfloat16))
+    for l in range(st.shape.layers):
+        _, q, k, v = st.qkv(l, x_norm)
+        comm.qk_rms_norm(q, k, st.q_w, st.k_w, EPS, q_out=q, k_out=k)
+        attn = st.attention(l, q, k, v)
+        h = bufs["x_b"]
+        linear_all_reduce_add_rms_norm(comm, attn, st.wo[l].t(), residual, st.post_norm[l], EPS,
+                                       out=h, residual_out=residual)
+        ids, tw = st.route(l, h)
+        if st.device.type == "cpu":
+            moe_all_reduce_add_rms_norm(comm, h, ids, tw, st.experts[l], residual,
+                                        st.in_norm[l + 1], EPS, out=x_norm, residual_out=residual)
+        else:  # framework expert kernel -> fused all-reduce + add + norm (one device kernel)
+            partial = st.experts[l](h, ids, tw)
+            comm.all_reduce_add_rms_norm(partial, residual, st.in_norm[l + 1], EPS, out=x_norm,
+                                         residual_out=residual)
+    return x_norm, residual
+
+
+def step_baseline(st: Stack, group, bufs, timers=None, same_kernels=False):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from ccl.fused_linear import linear_partial
+    from ccl.fused_moe import moe_partial
+
+    clock = time.perf_counter
+    comm_t = 0.0
+    s = st.shape
+    bf = torch.bfloat16
+    residual = st.x0.clone()
+    x_norm = _rms(st.x0.float(), st.in_norm[0]).to(bf)
+    q_full, k_full = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    for l in range(s.layers):
+        _, q, k, v = st.qkv(l, x_norm)
+        t0 = clock()
+        ss = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], -1)
+        dist.all_reduce(ss, group=group)
+        q.copy_((q.float() * torch.rsqrt(ss[:, 0:1] / q_full + EPS) * st.q_w.float()).to(bf))
+        k.copy_((k.float() * torch.rsqrt(ss[:, 1:2] / k_full + EPS) * st.k_w.float()).to(bf))
+        comm_t += clock() - t0
+        attn = st.attention(l, q, k, v)
+        if same_kernels:
+            o = linear_partial(attn, st.wo[l].t()).to(bf)
+        else:
+            o = F.linear(attn, st.wo[l])
+        t0 = clock()
+        dist.all_reduce(o, group=group)
+        r = o.float() + residual.float()
+        residual = r.to(bf)
+        h = _rms(r, st.post_norm[l]).to(bf)
+        comm_t += clock() - t0
+        ids, tw = st.route(l, h)
+        if st.device.type == "cpu":
+            p = moe_partial(h, ids, tw, st.experts[l]).to(bf)
+        else:
+            p = st.experts[l](h, ids, tw)
+        t0 = clock()
+        dist.all_reduce(p, group=group)
+        r = p.float() + residual.float()
+        residual = r.to(bf)
+        x_norm = _rms(r, st.in_norm[l + 1]).to(bf)
+        comm_t += clock() - t0
+    if timers is not None:
+        timers.append(comm_t)
+    return x_norm, residual
+
+
+def step_compute_only(st: Stack):
+    """The ccl path's compute (same kernels), with no communication and no norms."""
+    import torch
+
+    from ccl.fused_linear import linear_partial
+    from ccl.fused_moe import moe_partial
+
+    x_norm = st.x0
+    for l in range(st.shape.layers):
+        _, q, k, v = st.qkv(l, x_norm)
+        attn = st.attention(l, q, k, v)
+        h = linear_partial(attn, st.wo[l].t()).to(torch.bfloat16)
+        ids, tw = st.route(l, h)
+        x_norm = moe_partial(h, ids, tw, st.experts[l]).to(torch.bfloat16)
+    return x_norm
+
+
+# =============================================================================== workers
+def _stats(xs):
+    xs = sorted(xs)
+    return {"median_ms": 1e3 * statistics.median(xs), "p10_ms": 1e3 * xs[len(xs) // 10],
+            "p90_ms": 1e3 * xs[(9 * len(xs)) // 10], "samples": len(xs)}
+
+
+def _time_cpu(fn, steps, barrier):
+    out = []
+    for _ in range(steps):
+        barrier()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def worker_cpu(rank, world, port, shape, args, q):
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        import ccl
+
+        st = Stack(shape, rank, world, "cpu", seed=args.seed)
+        comm = ccl.Communicator(timeout=120)
+        bf = torch.bfloat16
+        bufs = {"residual": torch.empty(shape.tokens, shape.hidden, dtype=bf),
+                "x_a": torch.empty(shape.tokens, shape.hidden, dtype=bf),
+                "x_b": torch.empty(shape.tokens, shape.hidden, dtype=bf)}
+        group = dist.group.WORLD
+        barrier = dist.barrier
+        # correctness: ccl vs baseline, and ccl bitwise across ranks
+        xc, rc = step_ccl(st, comm, bufs)
+        xc, rc = xc.clone(), rc.clone()
+        xb, rb = step_baseline(st, group, bufs)
+        diff = {"x_norm_max_abs": float((xc.float() - xb.float()).abs().max()),
+                "residual_max_abs": float((rc.float() - rb.float()).abs().max()),
+                "x_norm_max_rel": float(((xc.float() - xb.float()).abs().max()
+                                         / xb.float().abs().max()))}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [hashlib.sha1(t.view(torch.int16).numpy().tobytes())
+                                          .hexdigest() for t in (xc, rc)])
+        cross_rank_identical = all(g == gathered[0] for g in gathered)
+        for _ in range(args.warmup):
+            step_ccl(st, comm, bufs)
+            step_baseline(st, group, bufs)
+            step_baseline(st, group, bufs, same_kernels=True)
+            step_compute_only(st)
+        res = {}
+        comm_base, comm_same = [], []
+        # Interleaved rounds so that machine load drifts hit every path alike.
+        for _ in range(args.rounds):
+            for name, fn in (
+                ("ccl", lambda: step_ccl(st, comm, bufs)),
+                ("baseline", lambda: step_baseline(st, group, bufs, comm_base)),
+                ("baseline_same_kernels",
+                 lambda: step_baseline(st, group, bufs, comm_same, same_kernels=True)),
+                ("compute_only", lambda: step_compute_only(st)),
+            ):
+                res.setdefault(name, []).extend(_time_cpu(fn, args.steps, barrier))
+        cpu_t0 = time.process_time()
+        q.put((rank, "ok", {
+            "times": res, "comm_norm_base_s": comm_base, "comm_norm_same_s": comm_same,
+            "diff": diff, "cross_rank_identical": cross_rank_identical,
+            "host_mailbox_native": "pybind (_C.gemv)" if hasattr(ccl._C, "gemv") else "ctypes (C ABI; _C.gemv not registered)",
+            "cpu_s": cpu_t0,
+        }))
+        dist.barrier()
+        comm.close()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        q.put((rank, "error", traceback.format_exc()))
+
+
+def worker_cuda(rank, world, port, shape, args, q):
+    """2x H200: NCCL baseline, each path captured in a CUDA graph and replayed (untested)."""
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        import torch
+        import torch.distributed as dist
+
+        import ccl
+
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+        st = Stack(shape, rank, world, dev, seed=args.seed, gpu_experts=args.gpu_experts)
+        comm = ccl.Communicator(device=dev, timeout=120)
+        bf = torch.bfloat16
+        bufs = {k: torch.empty(shape.tokens, shape.hidden, dtype=bf, device=dev)
+                for k in ("residual", "x_a", "x_b")}
+        group = dist.group.WORLD
+        xc, rc = [t.clone() for t in step_ccl(st, comm, bufs)]
+        comm.synchronize()
+        xb, rb = step_baseline(st, group, bufs)
+        diff = {"x_norm_max_abs": float((xc.float() - xb.float()).abs().max()),
+                "residual_max_abs": float((rc.float() - rb.float()).abs().max())}
+        graphs, outs = {}, {}
+        for name, fn in (("ccl", lambda: step_ccl(st, comm, bufs)),
+                         ("baseline", lambda: step_baseline(st, group, bufs))):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            dist.barrier()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs[name] = fn()
+            graphs[name] = g
+        comm.synchronize()
+        res = {}
+        for _ in range(args.rounds):
+            for name, g in graphs.items():
+                dist.barrier()
+                torch.cuda.synchronize()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                for _ in range(args.warmup):
+                    g.replay()
+                start.record()
+                for _ in range(args.steps):
+                    g.replay()
+                end.record()
+                torch.cuda.synchronize()
+                res.setdefault(name, []).append(start.elapsed_time(end) / 1e3 / args.steps)
+        comm.synchronize()
+        q.put((rank, "ok", {"times": res, "diff": diff, "experts": st.expert_kind,
+                            "device": torch.cuda.get_device_name(dev),
+                            "transport": comm.transport}))
+        dist.barrier()
+        comm.close()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        q.put((rank, "error", traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--full", action="store_true", help="the full MiniMax-M2 shape")
+    for f in dataclasses.fields(Shape):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path and round")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds of every path")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-experts", choices=["auto", "vllm", "torch"], default="auto")
+    p.add_argument("--json", type=str, default=None)
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args(argv)
+    shape = Shape.full() if args.full else Shape()
+    for f in dataclasses.fields(Shape):
+        v = getattr(args, f.name)
+        if v is not None:
+            setattr(shape, f.name, v)
+
+    try:
+        args.loadavg_at_start = os.getloadavg()
+    except OSError:
+        args.loadavg_at_start = None
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    target = worker_cpu if args.device == "cpu" else worker_cuda
+    t0 = time.time()
+    procs = [ctx.Process(target=target, args=(r, args.world, port, shape, args, q))
+             for r in range(args.world)]
+    for pr in procs:
+        pr.start()
+    results = {}
+    try:
+        while len(results) < args.world:
+            left = t0 + args.timeout - time.time()
+            if left <= 0:
+                print(f"# FAILED: ranks {sorted(set(range(args.world)) - set(results))} "
+                      "did not finish", file=sys.stderr)
+                return 1
+            try:
+                rank, status, detail = q.get(timeout=min(left, 2.0))
+            except Exception:  # queue.Empty
+                dead = [i for i, pr in enumerate(procs) if pr.exitcode not in (None, 0)]
+                if dead:
+                    print(f"# FAILED: rank(s) {dead} died", file=sys.stderr)
+                    return 1
+                continue
+            if status != "ok":
+                print(f"# FAILED on rank {rank}:\n{detail}", file=sys.stderr)
+                return 1
+            results[rank] = detail
+    finally:
+        for pr in procs:
+            pr.join(timeout=30)
+            if pr.is_alive():
+                pr.kill()
+    wall = time.time() - t0
+    return report(args, shape, results, wall)
+
+
+def report(args, shape, results, wall) -> int:
+    r0 = results[0]
+    # A step ends when the slowest rank ends: per step, the max over ranks.
+    paths = {}
+    for name in r0["times"]:
+        per_step = [max(results[r]["times"][name][i] for r in results)
+                    for i in range(len(r0["times"][name]))]
+        paths[name] = _stats(per_step)
+    out = {
+        "bench": "decode_step",
+        "device": args.device,
+        "host": platform.node(),
+        "cpu": _cpu_name() if args.device == "cpu" else r0.get("device"),
+        "world": args.world,
+        "shape": dataclasses.asdict(shape),
+        "weights": {"qkv, o_proj": "bf16 dense (nn.Linear layout)",
+                    "experts": f"INT4 GPTQ symmetric, group {shape.group_size}" if args.device == "cpu" else r0.get("experts")},
+        "threads_per_rank": 1,
+        "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "wall_s": round(wall, 1),
+        "paths": paths,
+        "diff_ccl_vs_baseline": r0["diff"],
+    }
+    if "transport" in r0:
+        out["ccl_transport"] = r0["transport"]
+    ccl_ms = paths["ccl"]["median_ms"]
+    base_ms = paths["baseline"]["median_ms"]
+    out["ratio_ccl_over_baseline"] = ccl_ms / base_ms
+    if args.device == "cpu":
+        comp = paths["compute_only"]["median_ms"]
+        same = paths["baseline_same_kernels"]["median_ms"]
+        out["ratio_ccl_over_baseline_same_kernels"] = ccl_ms / same
+        out["cross_rank_identical"] = all(results[r]["cross_rank_identical"] for r in results)
+        out["host_native_door"] = r0["host_mailbox_native"]
+        med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+        # Communication + norms = the path minus the same compute without them (the
+        # compute_only path runs ccl's kernels: exact for ccl and baseline_same_kernels,
+        # approximate for baseline, whose o_proj is torch's). The timed sections of the
+        # baselines are an upper bound: they include waiting for the slower rank.
+        out["comm_norm_ms_per_step"] = {
+            name: max(0.0, paths[name]["median_ms"] - comp)
+            for name in ("ccl", "baseline", "baseline_same_kernels")
+        }
+        out["comm_norm_share"] = {
+            name: max(0.0, 1 - comp / paths[name]["median_ms"])
+            for name in ("ccl", "baseline", "baseline_same_kernels")
+        }
+        out["comm_norm_ms_timed_sections_upper_bound"] = {
+            "baseline": med(r0["comm_norm_base_s"]),
+            "baseline_same_kernels": med(r0["comm_norm_same_s"]),
+        }
+        out["loadavg_at_start"] = args.loadavg_at_start
+        try:
+            out["loadavg_at_end"] = os.getloadavg()
+        except OSError:
+            pass
+    print(f"# decode_step  device={args.device} world={args.world} shape={dataclasses.asdict(shape)}")
+    print(f"# {'path':<24}{'median ms':>11}{'p10':>9}{'p90':>9}")
+    for name, s in paths.items():
+        print(f"  {name:<24}{s['median_ms']:>11.2f}{s['p10_ms']:>9.2f}{s['p90_ms']:>9.2f}")
+    print(f"# ccl / baseline = {out['ratio_ccl_over_baseline']:.3f}")
+    for k in ("ratio_ccl_over_baseline_same_kernels", "comm_norm_ms_per_step", "comm_norm_share",
+              "comm_norm_ms_timed_sections_upper_bound", "diff_ccl_vs_baseline",
+              "cross_rank_identical"):
+        if k in out:
+            print(f"# {k}: {out[k]}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"# wrote {args.json}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""Row-parallel projections (o_proj / down_proj) fused with the mailbox all-reduce and
+residual-add + RMSNorm (DESIGN.md §4): the rank's partial GEMV, the all-reduce and the norm in
+one call, for decode batches (M = 1..64 tokens).
+
+Host tensors run the C++ kernels of ``csrc/host/gemv.cpp`` against the communicator's host
+mailbox; CUDA / XPU tensors run one Triton launch (``ccl.kernels.triton_fused_linear``) against
+its device mailbox. The partial is fp32 end to end: nothing is rounded between the GEMV and
+the norm. Every rank receives the same partials and adds them in rank order, so every rank
+gets bitwise-identical outputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import logging
+import struct
+import weakref
+
+import torch
+
+from ccl import _C
+from ccl.comm import Communicator, NormStyle
+from ccl.errors import CclError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Int4Weights", "linear_all_reduce_add_rms_norm", "linear_partial"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_KIND_DENSE_KN, _KIND_DENSE_NK, _KIND_INT4 = 0, 1, 2
+_GROUP_SIZES = (32, 64, 128)
+_MAX_ROW = 16384  # device epilogue: one program holds a whole row
+
+
+# ============================================================================== INT4 weights
+@dataclasses.dataclass(frozen=True)
+class Int4Weights:
+    """Int4Weights(qweight, scales, group_size)
+
+    INT4 weight-only, symmetric, GPTQ / AutoRound, in the layout vLLM loads
+    (``vllm/model_executor/layers/quantization/gptq.py`` / ``auto_gptq.py``
+    ``create_weights``: ``qweight`` with ``input_dim=0, output_dim=1, packed_dim=0,
+    packed_factor=8``; packing of ``quant_utils.pack_rows`` / ``gptq_pack``; the exllama and
+    Marlin paths load the same checkpoint tensors before repacking)::
+
+        qweight  int32 [K // 8, N]     8 nibbles per int32 along K, lowest nibble first:
+                 q[k, n] = (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF      (0..15)
+        scales   fp16 / bf16 / fp32 [K // G, N]
+        W[k, n]  = (q[k, n] - 8) * scales[k // G, n]      (zero point 8: vLLM's uint4b8)
+
+    ``K`` is this rank's input features (row-parallel: the local shard), ``N`` the output
+    features, ``G = group_size`` in (32, 64, 128) dividing K. Both tensors may carry a leading
+    expert dimension ``[E, ...]`` (MoE stacks). No act-order: a ``desc_act`` checkpoint's
+    ``g_idx`` permutation must be applied to the input features beforehand (``from_gptq``
+    refuses a non-trivial ``g_idx``). Symmetric checkpoints carry constant ``qzeros`` (GPTQ v1
+    stores zero - 1 = 7 per nibble, 0x77777777; v2 stores 8, 0x88888888); they are checked by
+    ``from_gptq`` and not kept.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    def __post_init__(self):
+        q, s, g = self.qweight, self.scales, self.group_size
+        if not isinstance(q, torch.Tensor) or q.dtype != torch.int32:
+            raise TypeError(f"qweight must be an int32 tensor, got {getattr(q, 'dtype', type(q))}")
+        if not isinstance(s, torch.Tensor) or s.dtype not in _DTYPE_CODES:
+            raise TypeError(f"scales must be fp16 / bf16 / fp32, got {getattr(s, 'dtype', type(s))}")
+        if g not in _GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {_GROUP_SIZES}, got {g}")
+        if q.dim() not in (2, 3) or s.dim() != q.dim():
+            raise ValueError(f"qweight [.., K/8, N] and scales [.., K/G, N] need the same rank, "
+                             f"got {tuple(q.shape)} and {tuple(s.shape)}")
+        k = q.shape[-2] * 8
+        if k % g or s.shape[-2] != k // g or s.shape[-1] != q.shape[-1] or s.shape[:-2] != q.shape[:-2]:
+            raise ValueError(
+                f"qweight {tuple(q.shape)} (K={k}) and scales {tuple(s.shape)} do not match "
+                f"group_size {g}: scales must be [.., K/{g}, N]")
+        if q.device != s.device:
+            raise ValueError(f"qweight is on {q.device} but scales on {s.device}")
+        if q.stride(-1) != 1 or s.stride(-1) != 1 or not q.is_contiguous() or not s.is_contiguous():
+            raise ValueError("qweight and scales must be contiguous")
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the math name
+        return self.qweight.shape[-2] * 8
+
+    @property
+    def N(self) -> int:  # noqa: N802
+        return self.qweight.shape[-1]
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.qweight.shape[0] if self.qweight.dim() == 3 else None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W ``[.., K, N]`` = (q - 8) * scale, computed in fp32 (exact), returned in ``dtype``."""
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.qweight.device)
+        q = (self.qweight.unsqueeze(-2) >> shifts.view(-1, 1)) & 0xF  # [.., K/8, 8, N]
+        q = q.reshape(*self.qweight.shape[:-2], self.K, self.N)
+        s = self.scales.float().repeat_interleave(self.group_size, dim=-2)
+        return ((q - 8).float() * s).to(dtype)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int = 128,
+                 scale_dtype: torch.dtype = torch.float16) -> Int4Weights:
+        """Round-to-nearest symmetric quantisation of ``w [.., K, N]`` (vLLM
+        ``quantize_weights`` for uint4b8: ``scale = max(|max| / 7, |min| / 8)`` per group and
+        column). For tests and benchmarks; real checkpoints come from GPTQ / AutoRound."""
+        *lead, k, n = w.shape
+        if k % group_size or k % 8:
+            raise ValueError(f"K={k} must be a multiple of group_size={group_size} and of 8")
+        wg = w.float().reshape(*lead, k // group_size, group_size, n)
+        hi = wg.amax(-2, keepdim=True)
+        lo = wg.amin(-2, keepdim=True)
+        s = torch.maximum((hi / 7).abs(), (lo / -8).abs()).clamp(min=1e-8).to(scale_dtype)
+        q = (torch.round(wg / s.float()).clamp(-8, 7) + 8).to(torch.int32)
+        q = q.reshape(*lead, k // 8, 8, n)
+        packed = torch.zeros(*lead, k // 8, n, dtype=torch.int32)
+        for i in range(8):
+            packed |= q[..., i, :] << (4 * i)
+        return cls(packed.contiguous(), s.reshape(*lead, k // group_size, n).contiguous(),
+                   group_size)
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, scales: torch.Tensor, *,
+                  qzeros: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+                  group_size: int | None = None) -> Int4Weights:
+        """From a vLLM GPTQ / AutoRound layer's ``qweight``, ``scales`` (and optionally
+        ``qzeros``, ``g_idx``). Raises ValueError for asymmetric zeros or act-order."""
+        k = qweight.shape[-2] * 8
+        if group_size is None:
+            group_size = k // scales.shape[-2]
+        if qzeros is not None:
+            vals = {int(v) & 0xFFFFFFFF for v in torch.unique(qzeros).tolist()}
+            if not vals <= {0x77777777, 0x88888888}:
+                raise ValueError("qzeros are not symmetric (every nibble 7 or 8): asymmetric "
+                                 "INT4 is not supported")
+        if g_idx is not None:
+            trivial = torch.arange(k, device=g_idx.device, dtype=g_idx.dtype) // group_size
+            if g_idx.numel() and not torch.equal(g_idx.reshape(-1)[:k], trivial):
+                raise ValueError("act-order (desc_act) g_idx is not supported: permute the "
+                                 "input features first")
+        return cls(qweight.contiguous(), scales.contiguous(), group_size)
+
+    @functools.cached_property
+    def _desc(self) -> tuple:
+        e = self.num_experts
+        return (_KIND_INT4, _DTYPE_CODES[self.scales.dtype], self.qweight.data_ptr(),
+                self.qweight.stride(-2), self.scales.data_ptr(), self.scales.stride(-2),
+                self.group_size, self.K, self.N,
+                self.qweight.stride(0) if e is not None else 0,
+                self.scales.stride(0) if e is not None else 0)
+
+
+# ============================================================================== native door
+class _CtypesGemv:
+    """The C ABI of csrc/bindings/gemv.cpp through ctypes (while ``_C.gemv`` is not
+    registered). Same signatures as the pybind functions; no fused mailbox entry points."""
+
+    fused = False
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        u, i64, p64 = ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+        # int ccl_gemv_linear_f32(int x_dtype, uintptr_t x, int64_t ldx, int64_t M,
+        #     const int64_t* desc, uintptr_t out, int64_t ldo, uintptr_t row_scale, int acc);
+        self._linear = lib.ccl_gemv_linear_f32
+        self._linear.argtypes = [ctypes.c_int, u, i64, i64, p64, u, i64, u, ctypes.c_int]
+        self._linear.restype = ctypes.c_int
+        # int ccl_gemv_moe_f32(int x_dtype, uintptr_t x, int64_t ldx, int64_t M,
+        #     uintptr_t ids, uintptr_t topk_weights, int64_t topk, int64_t num_experts,
+        #     const int64_t* w13, const int64_t* w2, uintptr_t out);
+        self._moe = lib.ccl_gemv_moe_f32
+        self._moe.argtypes = [ctypes.c_int, u, i64, i64, u, u, i64, i64, p64, p64, u]
+        self._moe.restype = ctypes.c_int
+        # void ccl_gemv_add_rms_norm_f32(int dtype, uintptr_t sums, uintptr_t residual,
+        #     uintptr_t weight, uintptr_t out, uintptr_t residual_out, int64_t rows,
+        #     int64_t cols, float eps, int gemma);
+        self._norm = lib.ccl_gemv_add_rms_norm_f32
+        self._norm.argtypes = [ctypes.c_int, u, u, u, u, u, i64, i64, ctypes.c_float, ctypes.c_int]
+        self._norm.restype = None
+        self._desc_t = ctypes.c_int64 * 11
+        self._descs: dict[tuple, ctypes.Array] = {}  # descriptor tuple -> C array (reused)
+
+    def _c(self, desc):
+        arr = self._descs.get(desc)
+        if arr is None:
+            if len(self._descs) > 4096:
+                self._descs.clear()
+            arr = self._descs[desc] = self._desc_t(*desc)
+        return arr
+
+    def linear_f32(self, x_dtype, x, ldx, m, desc, out, ldo, row_scale, accumulate):
+        return self._linear(x_dtype, x, ldx, m, self._c(desc), out, ldo, row_scale,
+                            int(accumulate))
+
+    def moe_f32(self, x_dtype, x, ldx, m, ids, tw, topk, num_experts, w13, w2, out):
+        return self._moe(x_dtype, x, ldx, m, ids, tw, topk, num_experts, self._c(w13),
+                         self._c(w2), out)
+
+    def add_rms_norm_f32(self, dtype, sums, residual, weight, out, residual_out, rows, cols,
+                         eps, gemma):
+        self._norm(dtype, sums, residual, weight, out, residual_out, rows, cols, eps, int(gemma))
+
+
+class _PybindGemv:
+    fused = True
+
+    def __init__(self, mod):
+        self.linear_f32 = mod.linear_f32
+        self.moe_f32 = mod.moe_f32
+        self.add_rms_norm_f32 = mod.add_rms_norm_f32
+        self.linear_add_rms_norm = mod.linear_add_rms_norm
+        self.moe_add_rms_norm = mod.moe_add_rms_norm
+
+
+@functools.lru_cache(maxsize=1)
+def _native():
+    mod = getattr(_C, "gemv", None)
+    if mod is not None:
+        return _PybindGemv(mod)
+    return _CtypesGemv(_C.__file__)
+
+
+# ============================================================================== validation
+def _code(t: torch.Tensor, name: str) -> int:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    return code
+
+
+def _weight_desc(weight, quant, k: int, device) -> tuple[tuple, int]:
+    """(descriptor, N) of the dense weight [K, N] or the Int4Weights."""
+    if (weight is None) == (quant is None):
+        raise ValueError("pass exactly one of weight (dense [K, N]) and quant (Int4Weights)")
+    if quant is not None:
+        if not isinstance(quant, Int4Weights):
+            raise TypeError(f"quant must be Int4Weights, got {type(quant).__name__}")
+        if quant.num_experts is not None:
+            raise ValueError("quant has an expert dimension; use ccl.fused_moe for expert stacks")
+        if quant.K != k:
+            raise ValueError(f"x has K={k} input features but quant has K={quant.K}")
+        if quant.qweight.device != device:
+            raise ValueError(f"quant is on {quant.qweight.device} but x on {device}")
+        return quant._desc, quant.N
+    code = _code(weight, "weight")
+    if weight.dim() != 2 or weight.shape[0] != k:
+        raise ValueError(f"weight must be [K={k}, N], got {tuple(weight.shape)} (an nn.Linear "
+                         "weight [N, K] is passed as weight.t())")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but x on {device}")
+    n = weight.shape[1]
+    if weight.stride(1) == 1 and weight.stride(0) >= n:
+        return (_KIND_DENSE_KN, code, weight.data_ptr(), weight.stride(0), 0, 0, 0, k, n, 0, 0), n
+    if weight.stride(0) == 1 and weight.stride(1) >= k:
+        return (_KIND_DENSE_NK, code, weight.data_ptr(), weight.stride(1), 0, 0, 0, k, n, 0, 0), n
+    raise ValueError(f"weight [K, N] needs unit stride in N (row-major) or in K (the transpose "
+                     f"of an nn.Linear weight), got stride {weight.stride()}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [M, K] with unit stride in K (a view when possible)."""
+    if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= x.shape[1] > 0:
+        return x
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or x2.stride(0) < x2.shape[1]:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _check_like(t, shape, dtype, device, name):
+    if (type(t) is torch.Tensor and t.dtype is dtype and t.shape == shape
+            and t.device == device and t.is_contiguous()):
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x is {dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous; pass {name}.contiguous()")
+
+
+def _outputs(x2, n, out_shape, residual, norm_weight, out, residual_out):
+    dtype, device = x2.dtype, x2.device
+    _check_like(norm_weight, (n,), dtype, device, "norm_weight")
+    if residual is not None:
+        _check_like(residual, out_shape, dtype, device, "residual")
+    if out is None:
+        out = torch.empty(out_shape, dtype=dtype, device=device)
+    else:
+        _check_like(out, out_shape, dtype, device, "out")
+    if residual_out is None:
+        residual_out = torch.empty(out_shape, dtype=dtype, device=device)
+    else:
+        _check_like(residual_out, out_shape, dtype, device, "residual_out")
+    return out, residual_out
+
+
+# ============================================================================== public ops
+def linear_partial(x: torch.Tensor, weight: torch.Tensor | None = None, *,
+                   quant: Int4Weights | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_partial(x, weight=None, *, quant=None, out=None) -> Tensor
+
+    This rank's fp32 partial ``x [.., K] @ W [K, N]`` (the unfused building block; not a
+    collective). CPU tensors run the C++ GEMV, device tensors torch (dequantise + matmul)."""
+    _code(x, "x")
+    x2 = _rows(x)
+    desc, n = _weight_desc(weight, quant, x2.shape[1], x.device)
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    else:
+        _check_like(out, shape, torch.float32, x.device, "out")
+    if not x.is_cpu:
+        w = quant.dequantize() if quant is not None else weight.float()
+        torch.matmul(x2.float(), w, out=out.view(-1, n))
+        return out
+    st = _native().linear_f32(_DTYPE_CODES[x.dtype], x2.data_ptr(), x2.stride(0), x2.shape[0],
+                              desc, out.data_ptr(), n, 0, False)
+    if st:
+        raise CclError(f"GEMV rejected its arguments (status {st}): {desc}")
+    return out
+
+
+def linear_all_reduce_add_rms_norm(
+    comm: Communicator,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    quant: Int4Weights | None = None,
+    norm_style: NormStyle = NormStyle.STANDARD,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_all_reduce_add_rms_norm(comm, x, weight, residual, norm_weight, eps=1e-6, *,
+    quant=None, norm_style=STANDARD, out=None, residual_out=None) -> (out, residual_out)
+
+    The row-parallel projection (o_proj / down_proj) of a TP decode step, its all-reduce and
+    the next residual-add + RMSNorm, in one call. This is a collective operation::
+
+        p_r          = x_r [M, K] @ W_r [K, N]                   (fp32, rank r's partial)
+        residual_out = sum_r p_r (rank order, fp32) + residual
+        out          = residual_out * rsqrt(mean(residual_out², -1) + eps) * w
+
+    with ``w = norm_weight`` (STANDARD) or ``1 + norm_weight`` (GEMMA); fp32 math, nothing
+    rounded before the outputs, which are stored in x's dtype (fp32 / bf16 / fp16).
+    ``x``: ``[.., K]`` (K = this rank's shard of the input features). The weight is either
+    ``weight``, dense ``[K, N]`` (row-major, or ``linear.weight.t()`` of an nn.Linear, any
+    float dtype), or ``quant``, :class:`Int4Weights` (GPTQ / AutoRound symmetric INT4, group
+    32 / 64 / 128; pass ``weight=None``). ``residual`` (or None), ``out``, ``residual_out``:
+    ``[.., N]`` in x's dtype; outputs may alias ``residual`` and are allocated when None.
+    ``norm_weight``: ``[N]``. Every rank gets bitwise-identical outputs.
+
+    CPU tensors: C++ GEMV + host mailbox (above ``comm.max_bytes`` of fp32 partial the
+    all-reduce goes to the wrapped backend). CUDA / XPU tensors: one Triton launch on the
+    device mailbox (asynchronous; errors surface in ``comm.synchronize()``).
+    """
+    code = _code(x, "x")
+    gemma = NormStyle(norm_style) is NormStyle.GEMMA
+    x2 = _rows(x)
+    m, k = x2.shape
+    desc, n = _weight_desc(weight, quant, k, x.device)
+    out_shape = (*x.shape[:-1], n)
+    out, residual_out = _outputs(x2, n, out_shape, residual, norm_weight, out, residual_out)
+    eps = float(eps)
+    if m == 0:
+        return out, residual_out
+    if x.is_cpu:
+        mailbox = comm._live()
+        if mailbox is None:
+            raise ValueError(f"x is on the CPU but this communicator runs on {comm.device}")
+        _host(comm, mailbox, code, x2, desc, n, residual, norm_weight, out, residual_out, eps,
+              gemma)
+        return out, residual_out
+    comm._live()
+    dm = comm._device_mailbox
+    if dm is not None and m * n <= dm.layout.cap_words and n <= _MAX_ROW:
+        device_linear_add_rms_norm(dm, x2, weight, quant, residual, norm_weight, eps,
+                                   gemma=gemma, out=out, residual_out=residual_out)
+        return out, residual_out
+    # Wrapped backend (no device mailboxes, or a partial above the mailbox capacity).
+    partial = linear_partial(x2, weight, quant=quant)
+    comm.all_reduce(partial)
+    from ccl.kernels.reference import add_rms_norm_reference
+
+    o, r = add_rms_norm_reference(partial, residual.reshape(m, n) if residual is not None else None,
+                                  norm_weight, eps, gemma=gemma)
+    out.view(m, n).copy_(o)
+    residual_out.view(m, n).copy_(r)
+    return out, residual_out
+
+
+def _host(comm, mailbox, code, x2, desc, n, residual, norm_weight, out, residual_out, eps,
+          gemma):
+    native = _native()
+    m = x2.shape[0]
+    nbytes = 4 * m * n
+    rp = residual.data_ptr() if residual is not None else 0
+    if native.fused and nbytes <= comm.max_bytes:
+        st = native.linear_add_rms_norm(
+            mailbox, code, x2.data_ptr(), x2.stride(0), m, desc, rp, norm_weight.data_ptr(),
+            out.data_ptr(), residual_out.data_ptr(), eps, gemma, comm._algorithm(nbytes, None))
+        if st:
+            comm._raise(st)
+        return
+    partial = torch.empty((m, n), dtype=torch.float32)
+    st = native.linear_f32(code, x2.data_ptr(), x2.stride(0), m, desc, partial.data_ptr(), n, 0,
+                           False)
+    if st:
+        raise CclError(f"rank {comm.rank}: GEMV rejected its arguments (status {st})")
+    comm.all_reduce(partial)
+    native.add_rms_norm_f32(code, partial.data_ptr(), rp, norm_weight.data_ptr(),
+                            out.data_ptr(), residual_out.data_ptr(), m, n, eps, gemma)
+
+
+# ============================================================================== device door
+class _DeviceState:
+    """Per DeviceMailbox: the ticket counter and the own-partial LL workspace."""
+
+    def __init__(self, dm):
+        from ccl.kernels import triton_fused_linear as F
+
+        self.aux = torch.zeros(F.AUX_WORDS, dtype=torch.int64, device=dm.device)
+        # Workspace words start with a flag half a period away from the current sequence
+        # number (computed on the device: no synchronisation), so no call before the next
+        # scrub can mistake an unwritten word for a fresh one.
+        seq = dm._ctrl[F.CTRL_SEQ.value:F.CTRL_SEQ.value + 1]
+        flag = (seq + (1 << 31)) & 0xFFFFFFFF
+        self.ws = (flag << 32).expand(dm.layout.cap_words).clone()
+
+
+_DEVICE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(x)))[0]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
+                               gemma=False, out, residual_out, block_n=64, block_k=32):
+    """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
+    interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K; outputs / residual
+    contiguous ``[.., N]``. Collective, asynchronous (``dm.raise_if_failed()``)."""
+    from ccl.kernels import triton_fused_linear as F
+
+    state = _DEVICE_STATES.get(dm)
+    if state is None:
+        state = _DEVICE_STATES[dm] = _DeviceState(dm)
+    code = _DTYPE_CODES[x.dtype]
+    m, k = x.shape
+    if quant is not None:
+        w_ptr, s_ptr = quant.qweight, quant.scales
+        swk, swn = quant.qweight.stride(0), quant.qweight.stride(1)
+        lds, group, wdt, n = quant.scales.stride(0), quant.group_size, _DTYPE_CODES[quant.scales.dtype], quant.N
+    else:
+        w_ptr, s_ptr = weight, weight
+        swk, swn = weight.stride(0), weight.stride(1)
+        lds, group, wdt, n = 0, 1, _DTYPE_CODES[weight.dtype], weight.shape[1]
+    if m * n > dm.layout.cap_words:
+        raise ValueError(f"the fp32 partial of {m}x{n} exceeds the mailbox capacity "
+                         f"{dm.capacity_bytes} bytes ({dm.layout.cap_words} packets)")
+    if n > _MAX_ROW:
+        raise ValueError(f"rows of {n} elements exceed the fused epilogue's {_MAX_ROW}")
+    flags = ((F.FLAG_RESIDUAL if residual is not None else 0) | (F.FLAG_GEMMA if gemma else 0)
+             | (F.FLAG_INT4 if quant is not None else 0))
+    h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
+         n & 0xFFFFFFFF, _f32_bits(eps))
+    use_dot = m > 8
+    bm = min(64, max(16, _next_pow2(m))) if use_dot else _next_pow2(m)
+    bn = block_n
+    n_tiles = (n + bn - 1) // bn
+    block_row = max(16, _next_pow2(n))
+    F.linear_add_rms_norm_kernel[(n_tiles + m,)](
+        x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group,
+        residual if residual is not None else out, norm_weight, out,
+        residual_out if residual_out is not None else out,
+        m, k, n, n_tiles, float(eps), state.ws, dm.layout.cap_words,
+        dm._table, dm._ctrl, state.aux, dm.rank, *h,
+        dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
+        XDT=code, WDT=wdt, INT4=quant is not None, BM=bm, BN=bn, BK=block_k, USE_DOT=use_dot,
+        BLOCK_ROW=block_row, WORLD=dm.world_size, HAS_RES=residual is not None,
+        HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,
+        num_warps=4 if block_row <= 2048 else 8,
+    )
+    return out, residual_out

@@ -1,0 +1,293 @@
+"""MoE output fused with the TP all-reduce, residual-add and RMSNorm (DESIGN.md §4, "MoE").
+
+Tensor-parallel MoE: every rank holds a shard of each expert's intermediate dimension, so
+the expert output of a rank is a partial sum over the full hidden size, which is all-reduced
+and followed by the next residual-add + RMSNorm. Here the expert kernel writes its partial
+and the mailbox all-reduce + norm consume it without an extra pass:
+
+* CPU: a stand-in expert kernel (``csrc/host/gemv.cpp`` ``moe_f32``: top-k routed SiLU-gated
+  experts, dense or INT4 GPTQ weights) accumulates the weighted expert outputs straight into
+  an fp32 partial, which goes through the host mailbox and the fused epilogue (one native
+  call when ``_C.gemv`` is registered).
+* CUDA / XPU: the framework's expert kernel (vLLM's ``fused_experts`` on CUDA,
+  vllm-xpu-kernels' ``XpuFusedMoe`` on XPU) produces the partial; ``Communicator.
+  all_reduce_add_rms_norm`` (one device kernel) finishes. :class:`VllmExperts` wraps them
+  behind an availability check. Untested in this repository's CI (no GPU here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from ccl.comm import Communicator, NormStyle
+from ccl.errors import CclError
+from ccl.fused_linear import _DTYPE_CODES, _KIND_DENSE_KN, Int4Weights, _code, _native, _outputs, _rows
+
+__all__ = ["ExpertWeights", "VllmExperts", "moe_all_reduce_add_rms_norm", "moe_partial",
+           "route_topk"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """ExpertWeights(w13, w2)
+
+    One rank's shard of a stack of E SiLU-gated experts (TP: each rank holds ``I`` of the
+    intermediate features of every expert), in the [K, N] ("input-major") layout of the GEMV:
+
+    * ``w13``: gate and up projections, ``[E, H, 2I]`` (gate columns ``[:I]``, up ``[I:]``),
+      dense fp32 / bf16 / fp16, or :class:`Int4Weights` with qweight ``[E, H/8, 2I]``.
+    * ``w2``: down projection, ``[E, I, H]``, dense or :class:`Int4Weights` ``[E, I/8, H]``.
+
+    (vLLM stores ``w13`` as ``[E, 2I, H]`` and ``w2`` as ``[E, H, I]``: transpose the last two
+    dims once at load time; GPTQ-MoE checkpoints already come K-packed like this.)
+    """
+
+    w13: torch.Tensor | Int4Weights
+    w2: torch.Tensor | Int4Weights
+
+    def __post_init__(self):
+        e13, h, i2 = _dims(self.w13, "w13")
+        e2, i, h2 = _dims(self.w2, "w2")
+        if e13 != e2 or i2 != 2 * i or h2 != h:
+            raise ValueError(f"w13 [E={e13}, H={h}, 2I={i2}] and w2 [E={e2}, I={i}, H={h2}] "
+                             "do not describe the same experts")
+
+    @property
+    def num_experts(self) -> int:
+        return _dims(self.w13, "w13")[0]
+
+    @property
+    def hidden(self) -> int:
+        return _dims(self.w13, "w13")[1]
+
+    @property
+    def intermediate(self) -> int:
+        return _dims(self.w2, "w2")[1]
+
+    @functools.cached_property
+    def _descs(self) -> tuple[tuple, tuple]:
+        return _desc3(self.w13), _desc3(self.w2)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) as fp32 ``[E, K, N]`` tensors (reference math)."""
+        return tuple(w.dequantize() if isinstance(w, Int4Weights) else w.float()
+                     for w in (self.w13, self.w2))
+
+
+def _dims(w, name):
+    if isinstance(w, Int4Weights):
+        if w.num_experts is None:
+            raise ValueError(f"{name}: Int4Weights need a leading expert dim [E, K/8, N]")
+        return w.num_experts, w.K, w.N
+    _code(w, name)
+    if w.dim() != 3 or not w.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [E, K, N] tensor, got {tuple(w.shape)}")
+    return tuple(w.shape)
+
+
+def _desc3(w) -> tuple:
+    if isinstance(w, Int4Weights):
+        return w._desc
+    e, k, n = w.shape
+    return (_KIND_DENSE_KN, _DTYPE_CODES[w.dtype], w.data_ptr(), n, 0, 0, 0, k, n, k * n, 0)
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_ids int64 [M, k], topk_weights fp32 [M, k]): softmax over experts, top-k,
+    renormalised (vLLM ``fused_topk``). Deterministic, so every rank routes alike."""
+    p = torch.softmax(router_logits.float(), dim=-1)
+    w, ids = torch.topk(p, top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return ids.to(torch.int64), w.contiguous()
+
+
+def _check_routing(ids, tw, m, num_experts):
+    if ids.dtype != torch.int64 or tw.dtype != torch.float32:
+        raise TypeError(f"topk_ids must be int64 and topk_weights fp32, got {ids.dtype} and "
+                        f"{tw.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != m or tw.shape != ids.shape:
+        raise ValueError(f"topk_ids / topk_weights must be [M={m}, k], got {tuple(ids.shape)} "
+                         f"and {tuple(tw.shape)}")
+    if not (ids.is_contiguous() and tw.is_contiguous()):
+        raise ValueError("topk_ids and topk_weights must be contiguous")
+
+
+def moe_partial(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                experts: ExpertWeights, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """moe_partial(x, topk_ids, topk_weights, experts, *, out=None) -> fp32 [M, H]
+
+    This rank's MoE partial (CPU stand-in kernel; not a collective)::
+
+        out[m] = sum_j topk_weights[m, j] * (silu(x[m] @ G_e) * (x[m] @ U_e)) @ D_e,
+                 e = topk_ids[m, j]
+
+    with ``G_e, U_e = w13[e][:, :I], w13[e][:, I:]`` and ``D_e = w2[e]``; fp32 math, the
+    intermediate is not rounded. Ids outside [0, E) are skipped (expert-parallel sentinel)."""
+    _code(x, "x")
+    x2 = _rows(x)
+    m, h = x2.shape
+    if h != experts.hidden:
+        raise ValueError(f"x has {h} features but the experts take H={experts.hidden}")
+    if not x.is_cpu:
+        raise ValueError("moe_partial runs on the CPU; on devices use VllmExperts")
+    _check_routing(topk_ids, topk_weights, m, experts.num_experts)
+    if out is None:
+        out = torch.empty((m, h), dtype=torch.float32)
+    w13, w2 = experts._descs
+    st = _native().moe_f32(_DTYPE_CODES[x.dtype], x2.data_ptr(), x2.stride(0), m,
+                           topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
+                           experts.num_experts, w13, w2, out.data_ptr())
+    if st:
+        raise CclError(f"MoE kernel rejected its arguments (status {st})")
+    return out
+
+
+def moe_all_reduce_add_rms_norm(
+    comm: Communicator,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: ExpertWeights | VllmExperts,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    norm_style: NormStyle = NormStyle.STANDARD,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_all_reduce_add_rms_norm(comm, x, topk_ids, topk_weights, experts, residual,
+    norm_weight, eps=1e-6, *, norm_style=STANDARD, out=None, residual_out=None)
+    -> (out, residual_out)
+
+    TP MoE layer output + all-reduce + residual-add + RMSNorm. This is a collective
+    operation: ``residual_out = sum_r moe_partial_r(x) + residual`` (rank order, fp32 on the
+    CPU path), ``out = residual_out * rsqrt(mean(residual_out², -1) + eps) * w``, stored in
+    x's dtype. ``x`` ``[M, H]`` is identical on every rank (the normed hidden state);
+    ``topk_ids`` (int64) / ``topk_weights`` (fp32) ``[M, k]`` must be identical on every rank
+    (``route_topk`` of the replicated router logits is).
+    """
+    gemma = NormStyle(norm_style) is NormStyle.GEMMA
+    if isinstance(experts, VllmExperts):
+        partial = experts(x, topk_ids, topk_weights)
+        return comm.all_reduce_add_rms_norm(partial, residual, norm_weight, eps,
+                                            norm_style=norm_style, out=out,
+                                            residual_out=residual_out)
+    code = _code(x, "x")
+    x2 = _rows(x)
+    m, h = x2.shape
+    if h != experts.hidden:
+        raise ValueError(f"x has {h} features but the experts take H={experts.hidden}")
+    if not x.is_cpu:
+        raise ValueError("ExpertWeights run on the CPU; on devices pass VllmExperts")
+    _check_routing(topk_ids, topk_weights, m, experts.num_experts)
+    out, residual_out = _outputs(x2, h, tuple(x.shape), residual, norm_weight, out, residual_out)
+    mailbox = comm._live()
+    if mailbox is None:
+        raise ValueError(f"x is on the CPU but this communicator runs on {comm.device}")
+    if m == 0:
+        return out, residual_out
+    native = _native()
+    w13, w2 = experts._descs
+    nbytes = 4 * m * h
+    rp = residual.data_ptr() if residual is not None else 0
+    args = (topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
+            experts.num_experts, w13, w2)
+    if native.fused and nbytes <= comm.max_bytes:
+        st = native.moe_add_rms_norm(
+            mailbox, code, x2.data_ptr(), x2.stride(0), m, *args, rp, norm_weight.data_ptr(),
+            out.data_ptr(), residual_out.data_ptr(), float(eps), gemma,
+            comm._algorithm(nbytes, None))
+        if st:
+            comm._raise(st)
+        return out, residual_out
+    partial = torch.empty((m, h), dtype=torch.float32)
+    st = native.moe_f32(code, x2.data_ptr(), x2.stride(0), m, *args, partial.data_ptr())
+    if st:
+        raise CclError(f"rank {comm.rank}: MoE kernel rejected its arguments (status {st})")
+    comm.all_reduce(partial)
+    native.add_rms_norm_f32(code, partial.data_ptr(), rp, norm_weight.data_ptr(),
+                            out.data_ptr(), residual_out.data_ptr(), m, h, float(eps), gemma)
+    return out, residual_out
+
+
+# ============================================================================== GPU experts
+class VllmExperts:
+    """VllmExperts(w13, w2, *, w13_scales=None, w2_scales=None, group_size=None,
+    activation="silu")
+
+    The framework's fused-MoE kernel as the partial producer on GPU hosts, in vLLM's own
+    layouts: CUDA / ROCm ``vllm.model_executor.layers.fused_moe.fused_moe.fused_experts``
+    (``w13`` ``[E, 2I, H]``, ``w2`` ``[E, H, I]``; INT4 through ``int4_w4a16_moe_quant_config``
+    with vLLM's packed layouts), Intel XPU ``vllm_xpu_kernels.fused_moe_interface.XpuFusedMoe``
+    (``is_int4`` layouts of its docstring). Construct only after :meth:`availability` says
+    yes; **untested here** (this repository's CI has no GPU).
+    """
+
+    def __init__(self, w13, w2, *, w13_scales=None, w2_scales=None, group_size=None,
+                 activation: str = "silu"):
+        ok, reason = self.availability(w13.device)
+        if not ok:
+            raise CclError(f"VllmExperts unavailable: {reason}")
+        self.device = w13.device
+        self.w13, self.w2 = w13, w2
+        self.w13_scales, self.w2_scales = w13_scales, w2_scales
+        self.group_size = group_size
+        self.activation = activation
+        self._xpu_impl = None
+
+    @staticmethod
+    def availability(device) -> tuple[bool, str]:
+        """(ok, reason): vLLM's fused MoE for ``device`` can be imported and run."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return False, "torch.cuda is not available"
+            try:
+                from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts  # noqa: F401
+            except Exception as e:  # noqa: BLE001 - reported
+                return False, f"cannot import vllm fused_experts: {e}"
+            return True, "vllm fused_experts (Triton)"
+        if device.type == "xpu":
+            if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+                return False, "torch.xpu is not available"
+            try:
+                from vllm_xpu_kernels.fused_moe_interface import XpuFusedMoe  # noqa: F401
+            except Exception as e:  # noqa: BLE001
+                return False, f"cannot import vllm_xpu_kernels XpuFusedMoe: {e}"
+            return True, "vllm-xpu-kernels XpuFusedMoe"
+        return False, f"no framework fused MoE for device type {device.type!r} (use ExpertWeights on CPU)"
+
+    def __call__(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        """The rank's partial ``[M, H]`` in x's dtype (the framework kernel's output)."""
+        if self.device.type == "cuda":
+            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+            quant = None
+            if self.w13_scales is not None:
+                from vllm.model_executor.layers.fused_moe.config import (
+                    int4_w4a16_moe_quant_config,
+                )
+
+                quant = int4_w4a16_moe_quant_config(
+                    w1_scale=self.w13_scales, w2_scale=self.w2_scales,
+                    block_shape=[0, self.group_size])
+            return fused_experts(x, self.w13, self.w2, topk_weights, topk_ids,
+                                 quant_config=quant)
+        if self._xpu_impl is None:
+            from vllm_xpu_kernels.fused_moe_interface import XpuFusedMoe
+
+            self._xpu_impl = XpuFusedMoe(
+                w13=self.w13, w13_scales=self.w13_scales, w13_bias=None, w2=self.w2,
+                w2_scales=self.w2_scales, w2_bias=None, n_experts_per_token=topk_ids.shape[-1],
+                activation=self.activation, num_experts=self.w13.shape[0], ep_rank=0,
+                ep_size=1, expert_map=None)
+        out = torch.empty_like(x)
+        self._xpu_impl.apply(output=out, hidden_states=x, topk_weights=topk_weights,
+                             topk_ids=topk_ids, a1q_scale=None)
+        return out

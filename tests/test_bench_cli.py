@@ -1,0 +1,170 @@
+"""ccl-bench end to end: spawned ranks, JSON structure, correctness column, baseline present."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ccl._bench_cases import OPS
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _bench(tmp_path, *args, timeout=55):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccl.bench", "--quick", "--no-plot", "--json", str(out), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return json.loads(out.read_text()), proc
+
+
+def test_quick_run_two_ranks(tmp_path):
+    report, proc = _bench(tmp_path)
+    assert report["schema"] == "ccl-bench/1"
+    assert report["config"]["world_size"] == 2
+    assert report["config"]["launcher"] == "spawn"
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert report["summary"]["ok"] and report["summary"]["wrong"] == 0
+    assert {r["op"] for r in report["results"]} == set(OPS)
+    for r in report["results"]:
+        assert r["wrong"] == 0, r
+        assert r["checked"] > 0, r
+        assert r["baseline_verified"], r
+        for side in ("ccl", "baseline"):
+            s = r[side]
+            assert s is not None, (side, r)
+            assert 0 < s["p10_us"] <= s["p50_us"] <= s["p90_us"] <= s["p99_us"], (side, s)
+            assert s["reps"] >= 10 and s["mean_us"] > 0
+        assert r["ratio_p50"] == pytest.approx(r["ccl"]["p50_us"] / r["baseline"]["p50_us"])
+        if r["op"] != "qk_rms_norm":
+            assert r["ranks_agree"] is True
+    fused = [r for r in report["results"] if r["op"] == "all_reduce_add_rms_norm"]
+    assert any(r["shape"] == "1x4096" for r in fused)  # the performance bar's shape
+    # stdout: nccl-tests style header, one row per point, footer
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# ccl-bench")
+    assert any("size(B)" in ln and "#wrong" in ln for ln in lines)
+    rows = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert len(rows) == len(report["results"])
+    assert lines[-1].startswith("# OK")
+    assert report["stdout"] == lines
+
+
+def test_tune_reports_a_threshold(tmp_path):
+    report, proc = _bench(tmp_path, "--ops", "all_reduce", "--tune")
+    tune = report["tune"]
+    assert tune["world_size"] == 2 and tune["sizes"]
+    for t in tune["sizes"]:
+        assert t["one_shot_p50_us"] > 0 and t["two_shot_p50_us"] > 0
+    for r in report["results"]:
+        assert r["wrong"] == 0 and set(r["variants"]) == {"one_shot", "two_shot"}
+    assert "suggested ccl/tuning.py entry" in proc.stdout
+
+
+def test_plot_from_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ccl._bench_plot import plot_report
+
+    stats = {"p10_us": 1.0, "p50_us": 2.0, "p90_us": 3.0, "p99_us": 4.0}
+    report = {
+        "machine": {"ccl": "0", "cpu_model": "cpu", "nproc": 2},
+        "config": {
+            "transport": "host",
+            "device": "cpu",
+            "world_size": 2,
+            "dtype": "float32",
+            "launcher": "spawn",
+            "baselines": {"all_reduce": "gloo"},
+        },
+        "results": [
+            {"op": "all_reduce", "size_bytes": s, "ccl": stats, "baseline": stats, "wrong": 0}
+            for s in (8, 64)
+        ],
+    }
+    plot_report(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_fail_fast():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccl.bench", "--ops", "broadcast"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "broadcast" in proc.stderr
+
+
+def test_launcher_detection():
+    from ccl._cli_launch import detect_launcher
+
+    assert detect_launcher({}) == "none"
+    assert detect_launcher({"RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
+    assert detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "2"}) == "mpi"
+    assert detect_launcher({"PMI_RANK": "0", "PMI_SIZE": "1"}) == "none"
+    assert (
+        detect_launcher({"CCL_CLI_LAUNCHER": "spawn", "RANK": "0", "WORLD_SIZE": "2"})
+        == "spawn-worker"
+    )
+
+
+def test_size_parsing_and_sweep():
+    from ccl.bench import _parse, _size, _sizes
+
+    assert _size("8") == 8 and _size("64K") == 65536 and _size("4MiB") == 4 << 20
+    sizes = _sizes(_parse([]))
+    assert sizes[0] == 8 and sizes[-1] == 4 << 20 and len(sizes) == 20
+
+
+class _OneRank:
+    rank, world_size = 0, 1
+
+    def barrier(self):
+        pass
+
+    def all_gather(self, obj):
+        return [obj]
+
+
+class _LazyComm:
+    """A communicator that never writes its output: the bench must count it wrong."""
+
+    rank, world_size, max_bytes = 0, 1, 1 << 20
+
+    def all_reduce(self, tensor, op=None, *, out=None, algorithm=None):
+        return out
+
+
+def test_wrong_results_are_counted_and_not_timed():
+    import torch
+    import torch.distributed as dist
+
+    from ccl._bench_cases import CaseConfig, CpuTimer
+    from ccl.bench import _measure_point, _parse
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        args = _parse(["--quick"])
+        cfg = CaseConfig(
+            device="cpu",
+            dtype=torch.float32,
+            seed=1,
+            hidden=4096,
+            qk_dims=(64, 16),
+            qk_max_tokens=8,
+            fallback="gloo",
+        )
+        res = _measure_point(_OneRank(), _LazyComm(), CpuTimer(), cfg, args, "all_reduce", 64, True)
+    finally:
+        dist.destroy_process_group()
+    assert res["wrong"] > 0 and res["ccl"] is None and res["ratio_p50"] is None
+    assert res["baseline"] is not None and res["baseline_verified"]

@@ -1,0 +1,395 @@
+"""linear_all_reduce_add_rms_norm / moe_all_reduce_add_rms_norm (ccl.fused_linear,
+ccl.fused_moe) with 2 real rank processes on the host transport, and the Triton fused-linear
+kernel under TRITON_INTERPRET=1 with 2 real processes over host shared memory.
+
+Fresh random inputs per run (seed printed; CCL_TEST_SEED pins it), outputs poisoned with
+NaN, results compared with a dequantise-then-matmul reference in float64, and bitwise
+equality of every output across ranks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+import traceback
+
+import pytest
+import torch
+
+from _harness import bits_equal, digest, first_diff, gen, mix, poison_like
+
+pytestmark = pytest.mark.timeout(120)
+
+EPS = 1e-6
+DTYPES = ["bfloat16", "float16", "float32"]
+WEIGHTS = ["dense_kn", "dense_nk", "int4_g32", "int4_g128"]
+
+
+def _tol(dtype) -> dict:
+    # One rounding of the output dtype, plus the fp32 GEMV (different summation order than
+    # the float64 reference) over K ~ 256 products.
+    return {torch.bfloat16: dict(rtol=1.6e-2, atol=2e-3),
+            torch.float16: dict(rtol=2e-3, atol=2e-3),
+            torch.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+
+
+def _weight(kind: str, seed: int, rank: int, k: int, n: int, dtype):
+    """(weight, quant, fp32 reference W [K, N]) of one rank's shard."""
+    from ccl.fused_linear import Int4Weights
+
+    w = gen(seed, ("w", kind, rank, k, n), (k, n), torch.float32, scale=k ** -0.5)
+    if kind == "dense_kn":
+        wt = w.to(dtype)
+        return wt, None, wt.float()
+    if kind == "dense_nk":  # an nn.Linear weight [N, K], passed as its transpose
+        wt = w.t().contiguous().to(dtype).t()
+        return wt, None, wt.float()
+    group = int(kind.split("_g")[1])
+    scale_dtype = torch.float16 if dtype == torch.float32 else dtype
+    q = Int4Weights.quantize(w, group, scale_dtype)
+    return None, q, q.dequantize()
+
+
+def _reference(partials, residual, norm_weight, gemma=False):
+    """float64: residual_out = sum partials + residual, out = RMSNorm(residual_out)."""
+    acc = sum(p.double() for p in partials)
+    if residual is not None:
+        acc = acc + residual.double()
+    w = norm_weight.double() + (1.0 if gemma else 0.0)
+    return acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + EPS) * w, acc
+
+
+def _check(name, got, ref, dtype):
+    diff = first_diff(got, ref.to(dtype), **_tol(dtype))
+    assert diff is None, f"{name}: {diff}"
+
+
+# ============================================================================ host transport
+def _rank_linear(ctx, seed, cases):
+    """Every case on this rank; returns one digest per case (outputs) for the cross-rank
+    check. Each case: (dtype, kind, shape of x's leading dims, K, N, variant)."""
+    from ccl import NormStyle
+    from ccl.fused_linear import linear_all_reduce_add_rms_norm
+
+    comm = ctx.comm()
+    digests = []
+    for i, (dtype_name, kind, lead, k, n, variant) in enumerate(cases):
+        dtype = getattr(torch, dtype_name)
+        xs = [gen(seed, ("x", i, r), (*lead, k), dtype) for r in range(ctx.world)]
+        parts = []
+        mine = None
+        for r in range(ctx.world):
+            weight, quant, wref = _weight(kind, seed + i, r, k, n, dtype)
+            parts.append(xs[r].float() @ wref)
+            if r == ctx.rank:
+                mine = (weight, quant)
+        residual = None if variant == "no_residual" else gen(seed, ("res", i), (*lead, n), dtype)
+        norm_w = gen(seed, ("nw", i), (n,), dtype, scale=0.5)
+        gemma = variant == "gemma"
+        ref_o, ref_r = _reference(parts, residual, norm_w, gemma)
+        x_before = xs[ctx.rank].clone()
+        if variant == "inplace":  # outputs alias the residual (vLLM's fused_add_rms_norm)
+            res_in = residual.clone()
+            out = poison_like(res_in)
+            o, r = linear_all_reduce_add_rms_norm(
+                comm, xs[ctx.rank], mine[0], res_in, norm_w, EPS, quant=mine[1], out=out,
+                residual_out=res_in)
+            assert r is res_in and o is out
+        elif variant == "allocate":
+            o, r = linear_all_reduce_add_rms_norm(comm, xs[ctx.rank], mine[0], residual, norm_w,
+                                                  EPS, quant=mine[1])
+        else:
+            out, res_out = poison_like(ref_o.to(dtype)), poison_like(ref_o.to(dtype))
+            o, r = linear_all_reduce_add_rms_norm(
+                comm, xs[ctx.rank], mine[0], residual, norm_w, EPS, quant=mine[1],
+                norm_style=NormStyle.GEMMA if gemma else NormStyle.STANDARD,
+                out=out, residual_out=res_out)
+            assert o is out and r is res_out
+        assert bits_equal(xs[ctx.rank], x_before), "x modified"
+        what = f"case {i} {dtype_name} {kind} x{lead}x{k} N={n} {variant}"
+        _check(f"{what} residual_out", r, ref_r, dtype)
+        _check(f"{what} out", o, ref_o, dtype)
+        digests.append(digest(o, r))
+    return digests
+
+
+def _cases(seed, n_cases):
+    rnd = random.Random(seed)
+    cases = []
+    for dtype in DTYPES:
+        for kind in WEIGHTS:
+            lead = rnd.choice([(1,), (2,), (5,), (2, 3), (16,), (64,)])
+            k = rnd.choice([128, 256, 384]) if "g128" in kind else rnd.choice([96, 256, 520])
+            if "int4" in kind:
+                k = k // 128 * 128 if "g128" in kind else k // 32 * 32
+            n = rnd.choice([16, 100, 512, 777, 1030])
+            variant = rnd.choice(["plain", "plain", "no_residual", "gemma", "inplace", "allocate"])
+            cases.append((dtype, kind, lead, k, n, variant))
+    return cases[:n_cases]
+
+
+def test_linear_host_2ranks(pools, seed):
+    pool = pools.get(2)
+    cases = _cases(seed, 100)
+    per_rank = pool.run(_rank_linear, seed, cases, timeout=100)
+    assert per_rank[0] == per_rank[1], "outputs differ between ranks (bitwise)"
+
+
+def _rank_fallback_and_mismatch(ctx, seed):
+    """A partial above max_bytes goes through the wrapped backend (same results); a shape
+    disagreement is a CollectiveMismatch on every rank and the communicator stays usable."""
+    from ccl import CollectiveMismatch
+    from ccl.fused_linear import linear_all_reduce_add_rms_norm
+
+    comm = ctx.comm(max_bytes=2048)
+    dtype, k, n, m = torch.bfloat16, 256, 200, 4  # 3200 B of fp32 partial > 2048
+    xs = [gen(seed, ("fx", r), (m, k), dtype) for r in range(ctx.world)]
+    parts, mine = [], None
+    for r in range(ctx.world):
+        weight, quant, wref = _weight("int4_g32", seed, r, k, n, dtype)
+        parts.append(xs[r].float() @ wref)
+        mine = (weight, quant) if r == ctx.rank else mine
+    residual = gen(seed, "fres", (m, n), dtype)
+    nw = gen(seed, "fnw", (n,), dtype)
+    ref_o, ref_r = _reference(parts, residual, nw)
+    o, r = linear_all_reduce_add_rms_norm(comm, xs[ctx.rank], None, residual, nw, EPS,
+                                          quant=mine[1], out=poison_like(residual),
+                                          residual_out=poison_like(residual))
+    _check("fallback residual_out", r, ref_r, dtype)
+    _check("fallback out", o, ref_o, dtype)
+    # mismatch: N differs by rank
+    nn_ = 32 + 8 * ctx.rank
+    w = torch.zeros(k, nn_, dtype=dtype)
+    out = poison_like(torch.empty(1, nn_, dtype=dtype))
+    with pytest.raises(CollectiveMismatch):
+        linear_all_reduce_add_rms_norm(comm, xs[ctx.rank][:1], w, None,
+                                       torch.ones(nn_, dtype=dtype), EPS, out=out)
+    assert bool(out.isnan().all()), "outputs written despite a mismatch"
+    o2, _ = linear_all_reduce_add_rms_norm(comm, xs[ctx.rank][:1], torch.zeros(k, 8, dtype=dtype),
+                                           None, torch.ones(8, dtype=dtype), EPS)
+    assert bool((o2 == 0).all())
+    return digest(o, r)
+
+
+def test_fallback_and_mismatch(pools, seed):
+    d = pools.get(2).run(_rank_fallback_and_mismatch, seed, timeout=60)
+    assert d[0] == d[1]
+
+
+def test_bad_input():
+    from ccl.fused_linear import Int4Weights, linear_partial
+
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="exactly one"):
+        linear_partial(x)
+    with pytest.raises(ValueError, match="K=64"):
+        linear_partial(x, torch.randn(32, 8))
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Weights(torch.zeros(8, 4, dtype=torch.int32), torch.zeros(2, 4), 48)
+    with pytest.raises(ValueError, match="do not match"):
+        Int4Weights(torch.zeros(8, 4, dtype=torch.int32), torch.zeros(3, 4), 32)
+    q = Int4Weights.quantize(torch.randn(64, 8), 32)
+    with pytest.raises(ValueError, match="act-order"):
+        Int4Weights.from_gptq(q.qweight, q.scales, g_idx=torch.arange(64).flip(0) // 32)
+    with pytest.raises(ValueError, match="symmetric"):
+        Int4Weights.from_gptq(q.qweight, q.scales, qzeros=torch.full((2, 1), 0x12345678,
+                                                                      dtype=torch.int32))
+    ok = Int4Weights.from_gptq(q.qweight, q.scales,
+                               qzeros=torch.full((2, 1), 0x77777777, dtype=torch.int32))
+    assert ok.group_size == 32
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+def test_linear_partial_layouts(m, seed):
+    """The local GEMV alone (no communication), every layout and dtype, odd K and N (the
+    row-streaming tails, the register path for M <= 4 and the buffered path above)."""
+    from ccl.fused_linear import linear_partial
+
+    for i, (dtype, kind, k, n) in enumerate([
+            (torch.bfloat16, "dense_kn", 100, 37), (torch.float16, "dense_kn", 264, 530),
+            (torch.float32, "dense_nk", 77, 19), (torch.bfloat16, "dense_nk", 512, 64),
+            (torch.float16, "int4_g32", 96, 1030), (torch.bfloat16, "int4_g128", 256, 17),
+            (torch.float32, "int4_g32", 64, 512)]):
+        x = gen(seed, ("lp", m, i), (m, k), dtype)
+        weight, quant, wref = _weight(kind, seed, i, k, n, dtype)
+        got = linear_partial(x, weight, quant=quant)
+        ref = x.double() @ wref.double()
+        diff = first_diff(got.double(), ref, rtol=1e-5, atol=1e-5)
+        assert diff is None, f"{dtype} {kind} M={m} K={k} N={n}: {diff}"
+        acc = torch.ones(m, n)
+        from ccl.fused_linear import _native, _weight_desc
+
+        desc, _ = _weight_desc(weight, quant, k, x.device)
+        scale = torch.rand(m)
+        xc = x.contiguous()
+        st = _native().linear_f32({torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype],
+                                  xc.data_ptr(), k, m, desc, acc.data_ptr(), n,
+                                  scale.data_ptr(), True)
+        assert st == 0
+        diff = first_diff(acc.double(), 1 + scale.double()[:, None] * ref, rtol=1e-5, atol=1e-5)
+        assert diff is None, f"accumulate/row_scale {dtype} {kind}: {diff}"
+
+
+def test_int4_layout_matches_vllm_pack_rows():
+    """Our packing is vLLM's ``pack_rows`` (gptq_pack): nibble i of qweight[j, n] is row
+    8j + i; values stored with the +8 bias (uint4b8)."""
+    from ccl.fused_linear import Int4Weights
+
+    g = torch.Generator().manual_seed(mix("layout"))
+    k, n = 64, 24
+    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    packed = torch.zeros(k // 8, n, dtype=torch.int32)
+    for i in range(8):  # vllm quant_utils.pack_rows
+        packed |= q[i::8, :] << (4 * i)
+    scales = torch.rand(k // 32, n, generator=g).half() + 0.5
+    w = Int4Weights(packed, scales, 32).dequantize()
+    assert torch.equal(w, (q - 8).float() * scales.float().repeat_interleave(32, 0))
+    x = torch.randn(3, k, generator=g)
+    from ccl.fused_linear import linear_partial
+
+    torch.testing.assert_close(linear_partial(x, quant=Int4Weights(packed, scales, 32)),
+                               x @ w, rtol=1e-5, atol=1e-5)
+
+
+# ============================================================================ MoE (host)
+def _rank_moe(ctx, seed, cases):
+    from ccl.fused_linear import Int4Weights
+    from ccl.fused_moe import ExpertWeights, moe_all_reduce_add_rms_norm, route_topk
+
+    comm = ctx.comm()
+    digests = []
+    for i, (quant, m, e, h, inter, topk) in enumerate(cases):
+        dtype = torch.bfloat16
+        experts = []
+        for r in range(ctx.world):
+            w13 = gen(seed, ("w13", i, r), (e, h, 2 * inter), torch.float32, scale=h ** -0.5)
+            w2 = gen(seed, ("w2", i, r), (e, inter, h), torch.float32, scale=inter ** -0.5)
+            if quant:
+                experts.append(ExpertWeights(Int4Weights.quantize(w13, 32, dtype),
+                                             Int4Weights.quantize(w2, 32, dtype)))
+            else:
+                experts.append(ExpertWeights(w13.to(dtype), w2.to(dtype)))
+        x = gen(seed, ("mx", i), (m, h), dtype)
+        ids, tw = route_topk(gen(seed, ("logits", i), (m, e), torch.float32), topk)
+        if m > 1:
+            ids[0, 0] = -1  # an expert-parallel "not mine" entry is skipped
+        residual = gen(seed, ("mres", i), (m, h), dtype)
+        nw = gen(seed, ("mnw", i), (h,), dtype)
+        parts = []
+        for ex in experts:
+            w13, w2 = ex.dequantized()
+            p = torch.zeros(m, h, dtype=torch.float64)
+            for t in range(m):
+                for j in range(topk):
+                    eid = int(ids[t, j])
+                    if eid < 0:
+                        continue
+                    gu = x[t].double() @ w13[eid].double()
+                    hh = torch.nn.functional.silu(gu[:inter]) * gu[inter:]
+                    p[t] += float(tw[t, j]) * (hh @ w2[eid].double())
+            parts.append(p)
+        ref_o, ref_r = _reference(parts, residual, nw)
+        o, r = moe_all_reduce_add_rms_norm(comm, x, ids, tw, experts[ctx.rank], residual, nw,
+                                           EPS, out=poison_like(residual),
+                                           residual_out=poison_like(residual))
+        _check(f"moe case {i} residual_out", r, ref_r, dtype)
+        _check(f"moe case {i} out", o, ref_o, dtype)
+        digests.append(digest(o, r))
+    return digests
+
+
+def test_moe_host_2ranks(pools, seed):
+    cases = [(True, 1, 8, 128, 64, 2), (True, 5, 16, 96, 96, 4), (False, 3, 8, 64, 32, 3)]
+    per_rank = pools.get(2).run(_rank_moe, seed, cases, timeout=60)
+    assert per_rank[0] == per_rank[1]
+
+
+# ============================================================================ Triton interpret
+CAP = 16384  # bytes of fp32 partial per call
+
+
+def _interp_worker(rank, world, store_path, seed, q):
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"
+        torch.set_num_threads(1)
+        import test_triton_interpret as TI
+
+        from ccl.fused_linear import device_linear_add_rms_norm
+
+        ex, region, mb = TI._setup(rank, world, store_path, "fused-linear", cap=CAP)
+        cases = [("bfloat16", "dense_kn", 1, 64, 48), ("float32", "int4_g32", 3, 64, 40),
+                 ("bfloat16", "int4_g32", 17, 64, 24), ("float16", "dense_nk", 2, 40, 33)]
+        digests = []
+        for i, (dtype_name, kind, m, k, n) in enumerate(cases):
+            dtype = getattr(torch, dtype_name)
+            xs = [gen(seed, ("ix", i, r), (m, k), dtype) for r in range(world)]
+            parts, mine = [], None
+            for r in range(world):
+                weight, quant, wref = _weight(kind, seed + i, r, k, n, dtype)
+                parts.append(xs[r].float() @ wref)
+                mine = (weight, quant) if r == rank else mine
+            residual = gen(seed, ("ires", i), (m, n), dtype)
+            nw = gen(seed, ("inw", i), (n,), dtype)
+            ref_o, ref_r = _reference(parts, residual, nw)
+            out, res_out = poison_like(residual), poison_like(residual)
+            device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1], residual, nw, EPS,
+                                       out=out, residual_out=res_out, block_n=16)
+            mb.raise_if_failed()
+            _check(f"interp case {i} residual_out", res_out, ref_r, dtype)
+            _check(f"interp case {i} out", out, ref_o, dtype)
+            digests.append(digest(out, res_out))
+        # ranks disagree on N: both kernels record a mismatch and write nothing
+        from ccl.errors import CollectiveMismatch
+
+        n_bad = 8 + 8 * rank
+        out = poison_like(torch.empty(1, n_bad))
+        device_linear_add_rms_norm(mb, torch.ones(1, 16), torch.ones(16, n_bad), None, None,
+                                   torch.ones(n_bad), EPS, out=out, residual_out=None)
+        with pytest.raises(CollectiveMismatch):
+            mb.raise_if_failed()
+        assert bool(out.isnan().all()), "outputs written despite a mismatch"
+        # the plain mailbox ops still work after (same sequence numbers and slots)
+        x = torch.full((40,), float(rank + 1))
+        mb.all_reduce(x)
+        mb.raise_if_failed()
+        assert bool((x == world * (world + 1) / 2).all())
+        every = ex.all_gather(digests)
+        assert all(d == digests for d in every), "fused-linear outputs differ across ranks"
+        ex.all_gather(None)
+        mb.close()
+        region.close()
+        q.put((rank, "ok", None))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        q.put((rank, "error", traceback.format_exc()))
+
+
+def test_triton_fused_linear_interpret(tmp_path, seed):
+    pytest.importorskip("triton")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    world = 2
+    procs = [ctx.Process(target=_interp_worker, args=(r, world, str(tmp_path / "store"), seed, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    deadline = time.monotonic() + 100
+    try:
+        while len(results) < world:
+            left = deadline - time.monotonic()
+            assert left > 0, f"seed {seed}: ranks {sorted(set(range(world)) - set(results))} hung"
+            try:
+                rank, status, detail = q.get(timeout=min(left, 2.0))
+            except Exception:  # queue.Empty
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                assert not dead, f"seed {seed}: rank(s) {dead} died"
+                continue
+            assert status == "ok", f"seed {seed}, rank {rank}:\n{detail}"
+            results[rank] = detail
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

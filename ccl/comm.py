@@ -389,18 +389,27 @@ class Communicator:
         # Fast path, kept to a handful of attribute reads: decode issues ~150 of these calls
         # per token, so Python overhead here is the op's latency on the host transport.
         mailbox = self._mailbox
-        if mailbox is not None and out is None and algorithm is None and op is ReduceOp.SUM:
+        if mailbox is not None and algorithm is None and op is ReduceOp.SUM:
             code = _DTYPE_CODES.get(getattr(tensor, "dtype", None))
-            if code is not None and tensor.is_cpu and tensor.is_contiguous():
+            if (
+                code is not None
+                and tensor.is_cpu
+                and tensor.is_contiguous()
+                and (out is None or _same_layout(out, tensor))
+            ):
                 nbytes = tensor.nbytes
                 if nbytes <= self.max_bytes:
                     ptr = tensor.data_ptr()
                     st = mailbox.all_reduce(
-                        ptr, ptr, tensor.numel(), code, nbytes > self._two_shot_above
+                        ptr,
+                        ptr if out is None else out.data_ptr(),
+                        tensor.numel(),
+                        code,
+                        nbytes > self._two_shot_above,
                     )
                     if st:
                         self._raise(st)
-                    return tensor
+                    return tensor if out is None else out
         mailbox = self._live()
         if not isinstance(op, ReduceOp):
             op = ReduceOp(op)

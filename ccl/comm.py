@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ccl import _C, tuning
+from ccl import _C, _checks, tuning
 from ccl.errors import (
     CclError,
     CollectiveMismatch,
@@ -37,7 +37,7 @@ __all__ = ["Communicator", "NormStyle", "ReduceOp"]
 DEFAULT_MAX_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = _checks.DTYPE_CODES
 _CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
 _OP_NAMES = {
     1: "all_reduce",
@@ -694,44 +694,18 @@ class Communicator:
             return tuning.TWO_SHOT
         raise ValueError(f"algorithm must be 'one_shot' or 'two_shot', got {forced!r}")
 
+    # Host tensors must be CPU tensors (the wording is shared with the device mailbox).
+    _WHERE = "the host communicator takes CPU tensors"
+    _CPU = torch.device("cpu")
+
     def _check(self, t: torch.Tensor, name: str) -> int:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        code = _DTYPE_CODES.get(t.dtype)
-        if code is None:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16"
-            )
-        if not t.is_cpu:
-            raise ValueError(f"{name} is on {t.device}; the host communicator takes CPU tensors")
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
-                "pass tensor.contiguous()"
-            )
-        return code
+        return _checks.check_tensor(t, name, self._CPU, self._WHERE)
 
     def _check_rows(self, t: torch.Tensor, name: str) -> int:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        code = _DTYPE_CODES.get(t.dtype)
-        if code is None:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-        if not t.is_cpu:
-            raise ValueError(f"{name} is on {t.device}; the host communicator takes CPU tensors")
-        if t.dim() != 2 or t.stride(1) != 1 or t.shape[1] == 0:
-            raise ValueError(
-                f"{name} must be 2-D [tokens, dim] with unit stride in dim, got shape "
-                f"{tuple(t.shape)} stride {t.stride()}"
-            )
-        return code
+        return _checks.check_rows(t, name, self._CPU, self._WHERE)
 
     def _check_like(self, t, ref, name, shape) -> None:
-        self._check(t, name)
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the input is {ref.dtype}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        _checks.check_like(t, ref, name, shape, self._CPU, self._WHERE)
 
     def _output(self, t, ref, name):
         if t is None:

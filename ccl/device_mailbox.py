@@ -21,6 +21,7 @@ import struct
 
 import torch
 
+from ccl import _checks
 from ccl.errors import CclError, CollectiveMismatch, CollectiveTimeout, ConfigError
 from ccl.kernels import ll
 from ccl.kernels import triton_mailbox as K
@@ -32,7 +33,7 @@ __all__ = ["DeviceMailbox", "DeviceStatus", "DeviceLayout"]
 _CONTROL_BYTES = 4096
 _PHASES = 2
 _MAX_WORLD = 64
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = _checks.DTYPE_CODES
 _CODE_NAMES = {0: "float32", 1: "bfloat16", 2: "float16"}
 _OP_ALL_REDUCE, _OP_ADD_RMS_NORM, _OP_QK_RMS_NORM, _OP_HANDSHAKE = 1, 2, 3, 4
 _OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake",
@@ -640,41 +641,13 @@ class DeviceMailbox:
             )
 
     def _check(self, t, name: str) -> int:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        code = _DTYPE_CODES.get(t.dtype)
-        if code is None:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-        if t.device != self.device:
-            raise ValueError(f"{name} is on {t.device}; this mailbox runs on {self.device}")
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{name} is not contiguous (shape {tuple(t.shape)}, stride "
-                f"{t.stride()}); pass tensor.contiguous()"
-            )
-        return code
+        return _checks.check_tensor(t, name, self.device, f"this mailbox runs on {self.device}")
 
     def _check_rows(self, t, name: str) -> int:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        code = _DTYPE_CODES.get(t.dtype)
-        if code is None:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-        if t.device != self.device:
-            raise ValueError(f"{name} is on {t.device}; this mailbox runs on {self.device}")
-        if t.dim() != 2 or t.stride(1) != 1 or t.shape[1] == 0:
-            raise ValueError(
-                f"{name} must be 2-D [tokens, dim] with unit stride in dim, got "
-                f"shape {tuple(t.shape)} stride {t.stride()}"
-            )
-        return code
+        return _checks.check_rows(t, name, self.device, f"this mailbox runs on {self.device}")
 
     def _check_like(self, t, ref, name, shape) -> None:
-        self._check(t, name)
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the input is {ref.dtype}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        _checks.check_like(t, ref, name, shape, self.device, f"this mailbox runs on {self.device}")
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -53,3 +53,18 @@ def check_like(t, ref: torch.Tensor, name: str, shape, device: torch.device, whe
         raise TypeError(f"{name} has dtype {t.dtype} but the input is {ref.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_qk(q, k, q_weight, k_weight, device: torch.device, where: str) -> int:
+    """Inputs of qk_rms_norm: 2-D q and k of one dtype and token count, weights matching their
+    last dimensions. Returns the dtype code."""
+    code = check_rows(q, "q", device, where)
+    if check_rows(k, "k", device, where) != code:
+        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"q and k need the same number of tokens, got {q.shape[0]} and {k.shape[0]}"
+        )
+    check_like(q_weight, q, "q_weight", (q.shape[1],), device, where)
+    check_like(k_weight, k, "k_weight", (k.shape[1],), device, where)
+    return code

@@ -575,13 +575,7 @@ class Communicator:
         mailbox = self._live()
         if mailbox is None:
             return self._qk_rms_norm_device(q, k, q_weight, k_weight, eps, q_out, k_out)
-        code = self._check_rows(q, "q")
-        if self._check_rows(k, "k") != code:
-            raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"q and k need the same number of tokens, got {q.shape[0]} and {k.shape[0]}")
-        self._check_like(q_weight, q, "q_weight", (q.shape[1],))
-        self._check_like(k_weight, k, "k_weight", (k.shape[1],))
+        code = _checks.check_qk(q, k, q_weight, k_weight, self._CPU, self._WHERE)
         q_out = self._row_output(q_out, q, "q_out")
         k_out = self._row_output(k_out, k, "k_out")
         rows = q.shape[0]

@@ -490,14 +490,10 @@ class DeviceMailbox:
         strided) over the full dimension ``local dim * world``: per-token local sums of
         squares ([tokens, 2] fp32) are all-reduced in the kernel. Outputs may alias q / k.
         Collective, asynchronous."""
-        code = self._check_rows(q, "q")
-        if self._check_rows(k, "k") != code:
-            raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+        code = _checks.check_qk(
+            q, k, q_weight, k_weight, self.device, f"this mailbox runs on {self.device}"
+        )
         rows = q.shape[0]
-        if k.shape[0] != rows:
-            raise ValueError(f"q and k need the same number of tokens, got {rows} and {k.shape[0]}")
-        self._check_like(q_weight, q, "q_weight", (q.shape[1],))
-        self._check_like(k_weight, k, "k_weight", (k.shape[1],))
         q_out = (
             torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
         )

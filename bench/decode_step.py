@@ -35,17 +35,22 @@ CUDA, 2 GPUs (NCCL baseline, each path captured in a CUDA graph and replayed)::
 
     python bench/decode_step.py --device cuda --full  # hidden 3072, 62 layers, 256 experts
 
-The CUDA path is written for 2x H200 and **has not been run yet** (no GPU here); on CUDA the
-MoE partial comes from vLLM's fused_experts when importable (bf16 experts), else a torch
-stand-in, and goes through comm.all_reduce_add_rms_norm.
+The CUDA path (2x H200) has not been run yet. There the weights are drawn on the device and
+the experts are INT4 (GPTQ layout; bf16 experts of the full shape would need 223 GB per
+rank), run by a torch stand-in (``_TorchInt4Experts``: gather the top-k experts, dequantise,
+bf16 matmul; no host sync, so it is captured) in every path; the MoE partial goes through
+comm.all_reduce_add_rms_norm. Each path (ccl, baseline, compute_only) is one CUDA graph per
+step, replayed and timed with CUDA events; the ccl graph's result is checked against the
+eager step, and the ccl outputs bitwise across ranks. Every wait is bounded (``--timeout``,
+a watchdog per rank).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (KINDS.md)
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+for _k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ[_k] = "1" if _k != "NCCL_NVLS_ENABLE" else "0"  # NVLink multicast stays off
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -109,6 +114,9 @@ class Stack:
         self.hkv = s.kv_heads // world
         self.inter = s.moe_inter // world
         bf = torch.bfloat16
+        if self.device.type != "cpu":
+            self._init_device(seed, gpu_experts)
+            return
         g = torch.Generator().manual_seed(seed * 1000 + 17)
 
         def rnd(*shape_, scale=1.0, gen=g):
@@ -143,6 +151,52 @@ class Stack:
             self.kv.append(kv)
         if self.device.type != "cpu":
             self._to_device(gpu_experts)
+
+    def _init_device(self, seed, gpu_experts):
+        """GPU shard, generated on the device (the full shape's experts would take minutes to
+        draw on the CPU): bf16 dense layers, INT4 experts (GPTQ layout of ccl.Int4Weights,
+        random nibbles and scales: 0.9 GB per layer and rank at the full shape, where bf16
+        experts would need 3.6 GB) run by a torch stand-in (_TorchInt4Experts)."""
+        import torch
+
+        s, d, bf = self.shape, self.device, torch.bfloat16
+        g = torch.Generator(device=d).manual_seed(seed * 1000 + 17)  # replicated tensors
+        gr = torch.Generator(device=d).manual_seed(seed * 1000 + 101 + self.rank)  # shards
+
+        def rnd(*shape_, scale=1.0, gen=g):
+            return torch.randn(*shape_, generator=gen, device=d) * scale
+
+        self.x0 = rnd(s.tokens, s.hidden).to(bf)
+        self.in_norm = [(1 + 0.1 * rnd(s.hidden)).to(bf) for _ in range(s.layers + 1)]
+        self.post_norm = [(1 + 0.1 * rnd(s.hidden)).to(bf) for _ in range(s.layers)]
+        self.router = [rnd(s.hidden, s.experts, scale=s.hidden ** -0.5) for _ in range(s.layers)]
+        self.qn = rnd(s.heads * s.head_dim).to(bf)
+        self.kn = rnd(s.kv_heads * s.head_dim).to(bf)
+        qd, kd = self.hq * s.head_dim, self.hkv * s.head_dim
+        self.q_w = self.qn[self.rank * qd:(self.rank + 1) * qd].clone()
+        self.k_w = self.kn[self.rank * kd:(self.rank + 1) * kd].clone()
+        self.wqkv, self.wo, self.experts, self.kv = [], [], [], []
+        gs = s.group_size
+        for _ in range(s.layers):
+            self.wqkv.append(rnd(qd + 2 * kd, s.hidden, scale=s.hidden ** -0.5, gen=gr).to(bf))
+            self.wo.append(rnd(s.hidden, qd, scale=(s.heads * s.head_dim) ** -0.5, gen=gr).to(bf))
+            # (nibble - 8) has std ~4.6: scales so that both projections keep unit variance
+            q13 = torch.randint(-(1 << 31), 1 << 31, (s.experts, s.hidden // 8, 2 * self.inter),
+                                generator=gr, device=d, dtype=torch.int64).to(torch.int32)
+            s13 = (rnd(s.experts, s.hidden // gs, 2 * self.inter, gen=gr).abs() * 0.2 + 0.9) \
+                * (s.hidden ** -0.5 / 4.6)
+            q2 = torch.randint(-(1 << 31), 1 << 31, (s.experts, self.inter // 8, s.hidden),
+                               generator=gr, device=d, dtype=torch.int64).to(torch.int32)
+            s2 = (rnd(s.experts, self.inter // gs, s.hidden, gen=gr).abs() * 0.2 + 0.9) \
+                * (s.moe_inter ** -0.5 / 4.6)
+            self.experts.append(_TorchInt4Experts(q13, s13.to(bf), q2, s2.to(bf), gs))
+            self.kv.append(rnd(2, s.kv_len, self.hkv, s.head_dim, gen=gr).to(bf))
+        self.expert_kind = (f"torch INT4 stand-in (gather top-k experts, dequantise, bf16 "
+                            f"matmul; GPTQ layout, group {gs}, bf16 scales)")
+        if gpu_experts == "vllm":
+            raise SystemExit("--gpu-experts vllm: not wired for INT4 experts here")
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
     def _to_device(self, gpu_experts):
         import torch
@@ -186,8 +240,11 @@ class Stack:
         vals = torch.cat([vc.unsqueeze(0).expand(m, -1, -1, -1), v.view(m, 1, self.hkv, s.head_dim)], 1)
         rep = self.hq // self.hkv
         qh = q.reshape(m, self.hq, 1, s.head_dim)
-        kh = keys.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
-        vh = vals.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
+        L = keys.shape[1]  # GQA: each kv head serves `rep` q heads (expand, no host sync)
+        kh = keys.permute(0, 2, 1, 3).unsqueeze(2).expand(m, self.hkv, rep, L, s.head_dim)
+        vh = vals.permute(0, 2, 1, 3).unsqueeze(2).expand(m, self.hkv, rep, L, s.head_dim)
+        kh = kh.reshape(m, self.hq, L, s.head_dim)
+        vh = vh.reshape(m, self.hq, L, s.head_dim)
         o = F.scaled_dot_product_attention(qh, kh, vh)
         return o.reshape(m, self.hq * s.head_dim)
 
@@ -213,6 +270,47 @@ class _TorchExperts:
         h = F.silu(gu[..., :i]) * gu[..., i:]
         y = torch.einsum("mki,mkhi->mkh", h, self.w2[ids].float())
         return (y * tw.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+class _TorchInt4Experts:
+    """Device stand-in for the framework's INT4 fused MoE: per routing slot, gather the
+    expert's packed weights (ccl.Int4Weights layout: qweight int32 [E, K/8, N], scales
+    [E, K/G, N]), dequantise to bf16 and multiply. Only tensor ops with device indices (no
+    host synchronisation), so it can be captured in a CUDA graph. Both paths run it."""
+
+    def __init__(self, q13, s13, q2, s2, group):
+        self.q13, self.s13, self.q2, self.s2, self.group = q13, s13, q2, s2, group
+        self.shifts = torch_arange_shifts(q13.device)
+
+    def _deq(self, q, sc, ids):
+        import torch
+
+        qi, si = q[ids], sc[ids]  # [S, K/8, N], [S, K/G, N]
+        n_slots, k8, n = qi.shape
+        nib = ((qi.unsqueeze(2) >> self.shifts.view(1, 1, 8, 1)) & 0xF).reshape(n_slots, k8 * 8, n)
+        g = self.group
+        w = (nib - 8).to(torch.bfloat16).view(n_slots, k8 * 8 // g, g, n) * si.unsqueeze(2)
+        return w.view(n_slots, k8 * 8, n)  # [S, K, N] bf16
+
+    def __call__(self, x, ids, tw):
+        import torch
+        import torch.nn.functional as F
+
+        m, k = ids.shape
+        flat = ids.reshape(-1)
+        w13 = self._deq(self.q13, self.s13, flat)  # [M*k, H, 2I]
+        xs = x.unsqueeze(1).expand(m, k, x.shape[1]).reshape(m * k, 1, x.shape[1])
+        gu = torch.bmm(xs, w13).float()  # [M*k, 1, 2I]
+        i = gu.shape[-1] // 2
+        h = (F.silu(gu[..., :i]) * gu[..., i:]).to(torch.bfloat16)
+        y = torch.bmm(h, self._deq(self.q2, self.s2, flat)).float()  # [M*k, 1, H]
+        return (y.view(m, k, -1) * tw.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def torch_arange_shifts(device):
+    import torch
+
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
 
 
 def _rms(r, w):
@@ -313,7 +411,10 @@ def step_compute_only(st: Stack):
         attn = st.attention(l, q, k, v)
         h = linear_partial(attn, st.wo[l].t()).to(torch.bfloat16)
         ids, tw = st.route(l, h)
-        x_norm = moe_partial(h, ids, tw, st.experts[l]).to(torch.bfloat16)
+        if st.device.type == "cpu":
+            x_norm = moe_partial(h, ids, tw, st.experts[l]).to(torch.bfloat16)
+        else:
+            x_norm = st.experts[l](h, ids, tw)
     return x_norm
 
 
@@ -396,11 +497,27 @@ def worker_cpu(rank, world, port, shape, args, q):
         q.put((rank, "error", traceback.format_exc()))
 
 
+def _log(rank, t0, msg):
+    if rank == 0:
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
 def worker_cuda(rank, world, port, shape, args, q):
-    """2x H200: NCCL baseline, each path captured in a CUDA graph and replayed (untested)."""
+    """2x H200: NCCL baseline, each path captured in one CUDA graph per step and replayed."""
     try:
+        import datetime
+        import faulthandler
+        import threading
+
+        t0 = time.time()
+        dog = threading.Timer(args.timeout - 15, lambda: (
+            print(f"[rank {rank}] WATCHDOG after {args.timeout - 15:.0f}s; stacks:", flush=True),
+            faulthandler.dump_traceback(all_threads=True), os._exit(3)))
+        dog.daemon = True
+        dog.start()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+        os.environ.pop("TRITON_INTERPRET", None)
         import torch
         import torch.distributed as dist
 
@@ -408,58 +525,99 @@ def worker_cuda(rank, world, port, shape, args, q):
 
         torch.cuda.set_device(rank)
         dev = torch.device("cuda", rank)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev,
+                                timeout=datetime.timedelta(seconds=120))
         st = Stack(shape, rank, world, dev, seed=args.seed, gpu_experts=args.gpu_experts)
-        comm = ccl.Communicator(device=dev, timeout=120)
+        _log(rank, t0, f"weights on {torch.cuda.get_device_name(dev)}: "
+                       f"{torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB per rank")
+        comm = ccl.Communicator(device=dev, timeout=60)
+        if comm.transport != "cuda":
+            raise RuntimeError(f"no CUDA device mailboxes: {comm.fallback_reason}")
         bf = torch.bfloat16
         bufs = {k: torch.empty(shape.tokens, shape.hidden, dtype=bf, device=dev)
                 for k in ("residual", "x_a", "x_b")}
         group = dist.group.WORLD
+        # Eager first (compiles every Triton variant; both ranks reach each collective with it
+        # compiled or within the 60 s bound), then correctness.
         xc, rc = [t.clone() for t in step_ccl(st, comm, bufs)]
         comm.synchronize()
+        _log(rank, t0, "eager ccl step done (kernels compiled)")
         xb, rb = step_baseline(st, group, bufs)
+        torch.cuda.synchronize()
         diff = {"x_norm_max_abs": float((xc.float() - xb.float()).abs().max()),
-                "residual_max_abs": float((rc.float() - rb.float()).abs().max())}
+                "residual_max_abs": float((rc.float() - rb.float()).abs().max()),
+                "x_norm_max_rel": float((xc.float() - xb.float()).abs().max()
+                                        / xb.float().abs().max())}
+        both = torch.cat([xc, rc]).contiguous()
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both)
+        cross_rank_identical = all(torch.equal(parts[0].view(torch.int16), p.view(torch.int16))
+                                   for p in parts[1:])
+        _log(rank, t0, f"eager baseline done; diff {diff}, ccl cross-rank identical "
+                       f"{cross_rank_identical}")
+        paths = (("ccl", lambda: step_ccl(st, comm, bufs)),
+                 ("baseline", lambda: step_baseline(st, group, bufs)),
+                 ("compute_only", lambda: step_compute_only(st)))
         graphs, outs = {}, {}
-        for name, fn in (("ccl", lambda: step_ccl(st, comm, bufs)),
-                         ("baseline", lambda: step_baseline(st, group, bufs))):
+        for name, fn in paths:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
+            with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS, NCCL)
+                for _ in range(2):
                     fn()
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
+            comm.synchronize()
             dist.barrier()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 outs[name] = fn()
             graphs[name] = g
+            torch.cuda.synchronize()
+            dist.barrier()
+            _log(rank, t0, f"captured {name}")
+        # the replayed ccl graph gives the eager result (same inputs every step)
+        graphs["ccl"].replay()
+        torch.cuda.synchronize()
         comm.synchronize()
+        graph_ok = bool(torch.equal(outs["ccl"][0].view(torch.int16), xc.view(torch.int16))
+                        and torch.equal(outs["ccl"][1].view(torch.int16), rc.view(torch.int16)))
         res = {}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             for name, g in graphs.items():
                 dist.barrier()
                 torch.cuda.synchronize()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
                 for _ in range(args.warmup):
                     g.replay()
-                start.record()
-                for _ in range(args.steps):
+                evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                       for _ in range(args.steps)]
+                for a, b in evs:
+                    a.record()
                     g.replay()
-                end.record()
+                    b.record()
                 torch.cuda.synchronize()
-                res.setdefault(name, []).append(start.elapsed_time(end) / 1e3 / args.steps)
+                res.setdefault(name, []).extend(a.elapsed_time(b) / 1e3 for a, b in evs)
+            if i == 0:
+                _log(rank, t0, "round 0: " + ", ".join(
+                    f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in res.items()))
         comm.synchronize()
+        _log(rank, t0, "timing done")
         q.put((rank, "ok", {"times": res, "diff": diff, "experts": st.expert_kind,
+                            "cross_rank_identical": cross_rank_identical,
+                            "graph_replay_matches_eager": graph_ok,
                             "device": torch.cuda.get_device_name(dev),
-                            "transport": comm.transport}))
+                            "transport": comm.transport,
+                            "torch": torch.__version__,
+                            "triton": __import__("triton").__version__}))
         dist.barrier()
+        del graphs
+        dog.cancel()
         comm.close()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001
-        q.put((rank, "error", traceback.format_exc()))
+        tb = traceback.format_exc()
+        print(f"[rank {rank}] FAILED:\n{tb}", flush=True)
+        q.put((rank, "error", tb))
 
 
 def _free_port() -> int:
@@ -482,8 +640,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-experts", choices=["auto", "vllm", "torch"], default="auto")
     p.add_argument("--json", type=str, default=None)
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="whole-run bound in s (default: 600 cpu, 330 cuda)")
     args = p.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 600.0 if args.device == "cpu" else 330.0
     shape = Shape.full() if args.full else Shape()
     for f in dataclasses.fields(Shape):
         v = getattr(args, f.name)
@@ -525,7 +686,7 @@ def main(argv=None) -> int:
             results[rank] = detail
     finally:
         for pr in procs:
-            pr.join(timeout=30)
+            pr.join(timeout=30 if len(results) == args.world else 3)
             if pr.is_alive():
                 pr.kill()
     wall = time.time() - t0
@@ -557,6 +718,20 @@ def report(args, shape, results, wall) -> int:
     }
     if "transport" in r0:
         out["ccl_transport"] = r0["transport"]
+    if args.device != "cpu":
+        comp = paths["compute_only"]["median_ms"]
+        out["torch"], out["triton"] = r0.get("torch"), r0.get("triton")
+        out["cross_rank_identical"] = all(results[r]["cross_rank_identical"] for r in results)
+        out["graph_replay_matches_eager"] = all(results[r]["graph_replay_matches_eager"]
+                                                for r in results)
+        # compute_only: the same compute (torch o_proj in fp32, the same expert stand-in)
+        # with no communication and no norms
+        out["comm_norm_ms_per_step"] = {n: max(0.0, paths[n]["median_ms"] - comp)
+                                        for n in ("ccl", "baseline")}
+        out["comm_norm_share"] = {n: max(0.0, 1 - comp / paths[n]["median_ms"])
+                                  for n in ("ccl", "baseline")}
+        out["note"] = ("each step is one CUDA graph replay (CUDA events); NCCL baseline in "
+                       "bf16; experts: " + str(r0.get("experts")))
     ccl_ms = paths["ccl"]["median_ms"]
     base_ms = paths["baseline"]["median_ms"]
     out["ratio_ccl_over_baseline"] = ccl_ms / base_ms
@@ -595,7 +770,7 @@ def report(args, shape, results, wall) -> int:
     print(f"# ccl / baseline = {out['ratio_ccl_over_baseline']:.3f}")
     for k in ("ratio_ccl_over_baseline_same_kernels", "comm_norm_ms_per_step", "comm_norm_share",
               "comm_norm_ms_timed_sections_upper_bound", "diff_ccl_vs_baseline",
-              "cross_rank_identical"):
+              "cross_rank_identical", "graph_replay_matches_eager"):
         if k in out:
             print(f"# {k}: {out[k]}")
     if args.json:

@@ -3,7 +3,14 @@
     python bench/gpu_compile_check.py [--target cuda:90|xpu] [--quick] [--json out.json]
 
 Compiles ``ccl/kernels/triton_mailbox.py`` for a target through ``triton.compile`` and prints
-one JSON line per variant. Catches what the interpreter accepts but a GPU compiler does not
+one JSON line per variant. For CUDA targets it also compiles the fused-linear kernels
+(``ccl/kernels/triton_fused_linear.py``: ``linear_add_rms_norm_kernel`` and the GEMV-only
+``linear_kernel``) through their real launchers in ``ccl/fused_linear.py`` with the
+arguments they get on a GPU (bf16 x, bf16 weight in nn.Linear and row-major layouts, INT4
+GPTQ group 32/128 with bf16 scales; M = 1 and 8; the block configs of
+``bench/gpu_fused_linear.py``): CPU tensors stand in for device tensors and a stub Triton
+driver reports the target, so Triton's own argument specialisation (values equal to 1,
+16-byte alignment) is the one a GPU launch gets. ``--only fused`` / ``--only mailbox``. Catches what the interpreter accepts but a GPU compiler does not
 (types, control flow, inline PTX, unsupported ops) before device time is spent. Exit status 1
 on any failure. ``--quick`` compiles one variant per kernel and algorithm (used by CI).
 
@@ -38,8 +45,21 @@ from ccl.kernels import triton_mailbox as K  # noqa: E402
 _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 
 
+# Arguments that only some versions of the kernels have (the split fused norm's row scratch
+# and chunk): filled in when the kernel takes them, so the check follows the kernels.
+_OPTIONAL_TYPES = dict(rows_ptr="*i64", chunk="i32")
+_OPTIONAL_CONSTEXPRS = dict(SPLIT=1)
+
+
 def _sig(fn, types: dict, constexprs: dict):
     sig = {}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    for name in fn.arg_names:
+        if name not in types and name not in constexprs:
+            if name in _OPTIONAL_CONSTEXPRS:
+                constexprs[name] = _OPTIONAL_CONSTEXPRS[name]
+            elif name in _OPTIONAL_TYPES:
+                types[name] = _OPTIONAL_TYPES[name]
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
@@ -118,6 +138,17 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                 16,
             )
         )
+        if "SPLIT" in K.add_rms_norm_kernel.arg_names:  # rows split over programs (CUDA)
+            c = dict(c, SPLIT=8, BLOCK=256, SOLO=False)
+            out.append(
+                (
+                    f"add_rms_norm dt{dt} w{world} {'two' if two else 'one'} split8 be{be}",
+                    K.add_rms_norm_kernel,
+                    dict(t),
+                    c,
+                    2,
+                )
+            )
     for dt, world, be in itertools.product(dts, worlds, backends):
         p = _PTR[dt]
         t = _common(
@@ -214,12 +245,135 @@ def _spirv_scan(spv: bytes) -> dict:
     )
 
 
+# ---------------------------------------------------------------- fused linear (launchers)
+FUSED_SHAPES = dict(K=1536, N=3072, world=2)  # bench/gpu_fused_linear.py: K_total 3072 over 2
+FUSED_BLOCKS = ((64, 32), (32, 64), (16, 128))  # (block_n, block_k) swept by the bench
+
+
+class _StubDriver:
+    """Just enough of a Triton driver for JITFunction.run(warmup=True): no GPU is touched."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self._target
+
+    def __getattr__(self, name):  # anything else would need a real device
+        raise RuntimeError(f"stub Triton driver: {name} needs a GPU")
+
+
+class _FakeMailbox:
+    """The attributes ``device_linear_add_rms_norm`` reads from a DeviceMailbox, with CPU
+    tensors; ``_launch`` compiles (``JITFunction.warmup``) instead of launching."""
+
+    def __init__(self, world, rank, capacity_bytes, backend, sink):
+        import torch
+
+        from ccl.device_mailbox import DeviceLayout
+
+        self.device = torch.device("cpu")
+        self.world_size, self.rank = world, rank
+        self.layout = DeviceLayout.make(world, capacity_bytes)
+        self.capacity_bytes = capacity_bytes
+        self._table = torch.zeros(world, dtype=torch.int64)
+        self._ctrl = torch.zeros(K.CTRL_WORDS, dtype=torch.int64)
+        self._hop1 = self.layout.hop1_offset // 8
+        self._hop2 = self.layout.hop2_offset // 8
+        self.limit = 480_000_000  # 120 s at 250 ns per poll: a full int32-sized bound
+        self.backend = backend
+        self._sink = sink
+
+    def _launch(self, kernel, grid, *args, **kwargs):
+        self._sink.append((grid, kernel.warmup(*args, grid=grid, **kwargs)))
+
+
+def fused_variants(quick: bool, backends=(0,)):
+    """(name, thunk) pairs; each thunk calls a real launcher and returns [(grid, kernel)]."""
+    import torch
+
+    from ccl.fused_linear import Int4Weights, device_linear_add_rms_norm, device_linear_partial
+
+    k, n, world = FUSED_SHAPES["K"], FUSED_SHAPES["N"], FUSED_SHAPES["world"]
+    bf = torch.bfloat16
+    weights = {
+        "bf16_nk": lambda: (torch.zeros(n, k, dtype=bf).t(), None),  # nn.Linear weight .t()
+        "bf16_kn": lambda: (torch.zeros(k, n, dtype=bf), None),
+    }
+    for g in (32, 128):
+        weights[f"int4_g{g}"] = (lambda g=g: (None, Int4Weights(
+            torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // g, n, dtype=bf), g)))
+    blocks = FUSED_BLOCKS[:1] if quick else FUSED_BLOCKS
+    out = []
+    for (wname, make), m, (bn, bk), be in itertools.product(weights.items(), (1, 8), blocks,
+                                                          backends):
+        def fused(make=make, m=m, bn=bn, bk=bk, be=be):
+            sink = []
+            dm = _FakeMailbox(world, 0, 1 << 20, be, sink)
+            w, q = make()
+            x = torch.zeros(m, k, dtype=bf)
+            res = torch.zeros(m, n, dtype=bf)
+            device_linear_add_rms_norm(dm, x, w, q, res, torch.zeros(n, dtype=bf), 1e-6,
+                                       out=torch.empty_like(res), residual_out=res,
+                                       block_n=bn, block_k=bk)
+            return sink
+
+        def gemv(make=make, m=m, bn=bn, bk=bk):
+            sink = []
+            w, q = make()
+            device_linear_partial(torch.zeros(m, k, dtype=bf), w, quant=q, block_n=bn, block_k=bk,
+                                  launch=lambda kern, grid, *a, **kw: sink.append(
+                                      (grid, kern.warmup(*a, grid=grid, **kw))))
+            return sink
+
+        out.append((f"fused_linear {wname} M{m} bn{bn} bk{bk} be{be}", fused))
+        # not in --quick (CI's): tests/test_triton_interpret.py expects every row it sees to
+        # publish and poll, and the GEMV alone does neither
+        if be == backends[0] and not quick:
+            out.append((f"gemv {wname} M{m} bn{bn} bk{bk}", gemv))
+    return out
+
+
+def run_fused(target, quick, backends, rows):
+    from triton.runtime import driver
+
+    failed = 0
+    driver.set_active(_StubDriver(target))
+    try:
+        for name, thunk in fused_variants(quick, backends):
+            t0 = time.time()
+            try:
+                grid, k = thunk()[-1]
+                md = k.metadata
+                row = dict(name=name, ok=True, grid=list(grid), warps=md.num_warps,
+                           shared=md.shared, seconds=round(time.time() - t0, 2))
+                row.update(_resource_usage(k.asm.get("cubin")))
+                ptx = k.asm.get("ptx", "")
+                row["ld_volatile"] = ptx.count("ld.volatile")
+                row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
+            except Exception as e:  # noqa: BLE001 - reported
+                failed += 1
+                row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        driver._active = None  # reset_active() would build the default driver (none here)
+    return failed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90, cuda:80")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", default="0", help="LL backend codes (ccl.kernels.ll), e.g. 0,1,2")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=("mailbox", "fused"), default=None)
     args = ap.parse_args(argv)
     if args.target == "xpu":
         target = _xpu_target()
@@ -230,9 +384,9 @@ def main(argv=None) -> int:
         target = GPUTarget(backend, int(arch), 32)
     rows, failed = [], 0
     print(f"# triton {triton.__version__}, target {args.target}")
-    for name, fn, types, constexprs, warps in variants(
-        args.quick, backends=tuple(int(b) for b in args.backends.split(","))
-    ):
+    backends = tuple(int(b) for b in args.backends.split(","))
+    todo = [] if args.only == "fused" else variants(args.quick, backends=backends)
+    for name, fn, types, constexprs, warps in todo:
         t0 = time.time()
         try:
             k = triton.compile(
@@ -253,6 +407,8 @@ def main(argv=None) -> int:
             row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         rows.append(row)
         print(json.dumps(row))
+    if args.only != "mailbox" and target.backend == "cuda":
+        failed += run_fused(target, args.quick, backends, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, target=args.target, rows=rows), f, indent=1)

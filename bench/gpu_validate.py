@@ -837,6 +837,15 @@ def timing(mb, rank, world, dev, res, quick):
                 )
             )
             sync_check(mb, dev)
+        # rows split over programs (norm_chunk payload words each; 0: one program per row)
+        default_chunk = mb.norm_chunk
+        for chunk in [] if quick else [0, 128, 256, 512]:
+            mb.norm_chunk = chunk
+            row[f"ccl_fused_one_shot_chunk{chunk}"] = time_graph(
+                lambda: mb.add_rms_norm(x, resid, w, 1e-6, out=x, residual_out=resid)
+            )
+            sync_check(mb, dev)
+        mb.norm_chunk = default_chunk
         flat = x.view(-1)
         plain = {}
         for blk in [1024] if quick else [256, 512, 1024, 2048]:
@@ -1150,7 +1159,8 @@ def rank_main(rank, world, args, port):
         (
             "graph",
             lambda: graph_checks(
-                mb, rank, world, dev, seed, res, args.graph_ops, args.graph_budget
+                mb, rank, world, dev, seed, res, args.graph_ops, args.graph_budget,
+                args.checked_replays,
             ),
         ),
         ("mismatch", lambda: mismatch_check(mb, rank, world, dev, res)),
@@ -1253,6 +1263,12 @@ def main():
         help="compile workers before the ranks start (0: none)",
     )
     ap.add_argument("--timeout", type=float, default=5.0, help="DeviceMailbox timeout (s)")
+    ap.add_argument(
+        "--checked-replays",
+        type=int,
+        default=20,
+        help="graph replays checked one by one (a failure then names its call)",
+    )
     ap.add_argument("--precompile-only", action="store_true", help="fill the Triton cache and exit")
     ap.add_argument("--algos", default="one_shot,two_shot", help="algorithms to check and time")
     ap.add_argument(

@@ -34,7 +34,16 @@ from ccl.kernels.reference import (
     qk_rms_norm_reference,
 )
 
-__all__ = ["OPS", "SHORT_NAMES", "Case", "CaseConfig", "build_case", "case_sizes", "TIMERS"]
+__all__ = [
+    "OPS",
+    "SHORT_NAMES",
+    "TIMED_FORMS",
+    "Case",
+    "CaseConfig",
+    "build_case",
+    "case_sizes",
+    "TIMERS",
+]
 
 OPS = ("all_reduce", "all_reduce_add_rms_norm", "qk_rms_norm")
 SHORT_NAMES = {
@@ -81,9 +90,14 @@ class Case:
     checked: frozenset[str]  # impls whose outputs are checked after every block
     poison: Callable[[], None]
     check: Callable[[], int]  # wrong outputs among the NROT output buffers
-    digest: Callable[[], int] | None  # identical on every rank, when the op promises that
+    digest: Callable[[], object] | None  # identical on every rank, when the op promises that
     base_verified: bool
     notes: dict = field(default_factory=dict)
+    # Untimed calls that produce the checked outputs, per impl (run after each timed block,
+    # before ``check``), for impls whose timed form cannot be checked (in place on a zero
+    # buffer); None: the timed calls write the checked outputs themselves.
+    verify: Callable[[str], None] | None = None
+    checks_per_block: int = NROT  # outputs compared by one ``check()``
 
 
 # ---------------------------------------------------------------------- timing backends
@@ -193,6 +207,28 @@ def _gloo_qk_rms_norm(q, k, qw, kw, dims, eps) -> Callable[[], object]:
     return base
 
 
+# The call form each side is timed in (recorded in the JSON config and in every result):
+# the same form for both where the op has one (all_reduce: in place on a zero buffer, so the
+# values neither overflow nor turn denormal; the results are checked on separate, untimed
+# calls on real data), otherwise the closest each side offers.
+TIMED_FORMS: dict[str, dict[str, str]] = {
+    "all_reduce": {
+        "ccl": "in place on a zero buffer (comm.all_reduce(buf)); checked on untimed "
+        "in-place and out= calls on real data",
+        "baseline": "in place on a zero buffer (dist.all_reduce(buf))",
+    },
+    "all_reduce_add_rms_norm": {
+        "ccl": "caller-owned outputs (out=, residual_out=), inputs intact; checked",
+        "baseline": "all_reduce in place on a zero buffer, torch.add(out=res_out), "
+        "F.rms_norm allocating its output",
+    },
+    "qk_rms_norm": {
+        "ccl": "caller-owned outputs (q_out=, k_out=), inputs intact; checked",
+        "baseline": "torch ops allocating their outputs, all_reduce in place on the "
+        "[tokens,2] sums",
+    },
+}
+
 BASELINES: dict[tuple[str, str], tuple[str, Callable]] = {
     ("cpu", "all_reduce"): ("gloo all_reduce (torch.distributed, in place)", _gloo_all_reduce),
     ("cpu", "all_reduce_add_rms_norm"): (
@@ -235,20 +271,33 @@ def _all_reduce_case(size: int, comm, cfg: CaseConfig) -> Case:
     xs = [p[rank] for p in parts]
     expected = [all_reduce_reference(p) for p in parts]
     del parts
-    outs = [torch.empty_like(x) for x in xs]
-    impls = {"ccl": [functools.partial(comm.all_reduce, x, out=o) for x, o in zip(xs, outs)]}
+    outs = [torch.empty_like(x) for x in xs]  # out= results of the untimed checks
+    works = [torch.empty_like(x) for x in xs]  # in-place results of the untimed checks
+    # Timed: in place on a zero buffer, the baseline's form (a sum of zeros stays zero).
+    zero = torch.zeros_like(xs[0])
+    algos = {"ccl": None}
     if cfg.tune and size <= comm.max_bytes:
-        for a in ("one_shot", "two_shot"):
-            impls[a] = [
-                functools.partial(comm.all_reduce, x, out=o, algorithm=a) for x, o in zip(xs, outs)
-            ]
+        algos.update(one_shot="one_shot", two_shot="two_shot")
+    impls = {n: [functools.partial(comm.all_reduce, zero, algorithm=a)] for n, a in algos.items()}
     exact = algo != cfg.fallback  # the wrapped backend may sum in another order
 
+    def verify(name: str) -> None:
+        a = algos[name]
+        for x, o, w in zip(xs, outs, works):
+            comm.all_reduce(x, out=o, algorithm=a)
+            w.copy_(x)
+            comm.all_reduce(w, algorithm=a)
+
     def check() -> int:
+        got = outs + works
+        want = expected + expected
+        bad = int(bool(zero.any()))  # the timed calls must leave the zero buffer zero
         if exact:
-            return sum(not torch.equal(o, e) for o, e in zip(outs, expected))
+            return bad + sum(not torch.equal(o, e) for o, e in zip(got, want))
         rtol, atol = _TOL[dt]
-        return sum(not torch.allclose(o, e, rtol=rtol, atol=atol) for o, e in zip(outs, expected))
+        return bad + sum(
+            not torch.allclose(o, e, rtol=rtol, atol=atol) for o, e in zip(got, want)
+        )
 
     # Baseline: verified once on real data, then timed on a zero buffer.
     name, make = baseline(dev, "all_reduce")
@@ -266,11 +315,13 @@ def _all_reduce_case(size: int, comm, cfg: CaseConfig) -> Case:
         algo,
         impls,
         frozenset(impls) - {"base"},
-        _poison(outs),
+        _poison(outs + works),
         check,
-        lambda: _digest(outs[0]),
+        lambda: (_digest(outs[0]), _digest(works[0])),
         base_ok,
-        {"baseline_impl": name},
+        {"baseline_impl": name, "timed_form": TIMED_FORMS["all_reduce"]},
+        verify=verify,
+        checks_per_block=2 * NROT + 1,
     )
 
 
@@ -340,7 +391,7 @@ def _add_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
         check,
         lambda: _digest(outs[0][0]) ^ _digest(outs[0][1]),
         base_ok,
-        {"baseline_impl": name},
+        {"baseline_impl": name, "timed_form": TIMED_FORMS["all_reduce_add_rms_norm"]},
     )
 
 
@@ -403,5 +454,10 @@ def _qk_rms_norm_case(size: int, comm, cfg: CaseConfig) -> Case:
         check,
         None,
         base_ok,
-        {"baseline_impl": name, "q_cols": qc, "k_cols": kc},
+        {
+            "baseline_impl": name,
+            "timed_form": TIMED_FORMS["qk_rms_norm"],
+            "q_cols": qc,
+            "k_cols": kc,
+        },
     )

@@ -68,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-bytes", type=_size, default=8, help="smallest size (default 8)")
     p.add_argument("--max-bytes", type=_size, default=4 * _MiB, help="largest size (default 4M)")
     p.add_argument("--ranks", type=int, default=2, help="local ranks to spawn without a launcher")
-    p.add_argument("--device", default="cpu", help="cpu (GPU timing backends plug in later)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (host transport, gloo baseline) or cuda (one rank per GPU, NCCL and torch "
+        "SymmetricMemory baselines, CUDA-graph replay)",
+    )
     p.add_argument(
         "--iters",
         type=int,
@@ -161,7 +166,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
     p = _parser()
     args = p.parse_args(argv)
-    if args.device not in TIMERS:
+    if args.device not in TIMERS and args.device != "cuda":
         p.error(
             f"--device {args.device}: no timing backend yet (have {', '.join(TIMERS)}; "
             "ccl/_bench_cases.py keys TIMERS and BASELINES by device)"
@@ -209,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     from ccl._cli_launch import detect_launcher, join, spawn
 
+    if args.device == "cuda":  # spawns one rank per GPU itself (ccl/_bench_cuda.py)
+        from ccl import _bench_cuda
+
+        sys.exit(_bench_cuda.run(args))
     launcher = detect_launcher()
     if launcher == "none":
         sys.exit(spawn("ccl.bench", argv, args.ranks, timeout_s=args.timeout))
@@ -260,7 +269,7 @@ class _Out:
 
 def _run(worker, args) -> int:
     from ccl import tuning
-    from ccl._bench_cases import OPS, TIMERS, CaseConfig, baseline, case_sizes
+    from ccl._bench_cases import OPS, TIMED_FORMS, TIMERS, CaseConfig, baseline, case_sizes
     from ccl._cli_launch import machine_info, rank_info
 
     out = _Out(worker.rank, args.quiet)
@@ -307,6 +316,7 @@ def _run(worker, args) -> int:
             "qk_max_tokens": args.qk_max_tokens,
             "quick": args.quick,
             "baselines": {op: baseline(args.device, op)[0] for op in args.ops},
+            "timed_forms": {op: TIMED_FORMS[op] for op in args.ops},
         }
         _header(out, machine, config, ranks)
         results: list[dict[str, Any]] = []
@@ -384,7 +394,8 @@ def _measure_point(worker, comm, timer, cfg, args, op, size, first) -> dict[str,
         warm[name] = min(args.warmup, max(2, math.ceil(0.03e9 / e)))
     for name in names:
         timer.untimed(case.impls[name], warm[name])
-    # Every block writes each of the NROT output buffers at least once before they are checked.
+    # Every block writes each of the NROT output buffers at least once before they are checked
+    # (by the timed calls, or by the case's untimed verify calls).
     blocks = max(1, min(args.blocks, min(reps.values()) // max(5, NROT)))
     samples: dict[str, list[int]] = {n: [] for n in names}
     wrong = {n: 0 for n in case.checked}
@@ -395,6 +406,8 @@ def _measure_point(worker, comm, timer, cfg, args, op, size, first) -> dict[str,
                 case.poison()
             samples[name].extend(timer.run(case.impls[name], n))
             if name in case.checked:
+                if case.verify is not None:  # untimed calls that produce the checked outputs
+                    case.verify(name)
                 wrong[name] += case.check()
     mine = {
         "stats": {n: _stats(samples[n]) for n in names},
@@ -427,7 +440,7 @@ def _measure_point(worker, comm, timer, cfg, args, op, size, first) -> dict[str,
         "variants": {n: merged[n] for n in names if n not in ("ccl", "base")} or None,
         "ratio_p50": (ccl["p50_us"] / base["p50_us"]) if ccl and base and base["p50_us"] else None,
         "wrong": n_wrong,
-        "checked": blocks * len(case.checked) * NROT * worker.world_size,
+        "checked": blocks * len(case.checked) * case.checks_per_block * worker.world_size,
         "ranks_agree": None if case.digest is None else not ranks_disagree,
         "baseline_verified": base_ok,
         "per_rank_p50_us": {n: [s["p50_us"] for s in per_rank[n]] for n in names},
@@ -505,9 +518,11 @@ def _header(out: _Out, machine, config, ranks) -> None:
         f"qk_rms_norm tokens x (q+k cols per rank), full widths {config['qk_dims']}, "
         f"size = 8 B per token"
     )
+    for op, forms in config["timed_forms"].items():
+        out.line(f"# timed form {op}: ccl {forms['ccl']}; baseline {forms['baseline']}")
     out.line(
-        "# ccl calls write out= buffers (inputs stay intact for the checks, 3 input sets in "
-        "rotation); above the mailbox size that adds one copy to the wrapped backend's call"
+        "# checked ccl calls use 3 input sets in rotation; an out= call above the mailbox "
+        "size adds one copy to the wrapped backend's call"
     )
     out.line("#")
     for r in ranks:

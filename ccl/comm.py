@@ -197,6 +197,8 @@ class Communicator:
         fd_exchange: str | None = None,
     ):
         self._mailbox = None  # host mailbox; set last: a half-built communicator has none
+        # The host ops' C++ fast paths (ccl._C_torch), None without that module.
+        self._fast_ar = self._fast_arn = self._fast_qk = None
         self._device_mailbox = None  # DeviceMailbox on CUDA / XPU
         self._region = None
         self._broken: str | None = None
@@ -265,6 +267,9 @@ class Communicator:
             region.close()
             raise
         self._region = region
+        fast = _host_fast_path(self._mailbox, self.max_bytes, self._two_shot_above)
+        if fast is not None:
+            self._fast_ar, self._fast_arn, self._fast_qk = fast
         logger.info(
             "ccl: rank %d/%d host mailboxes up (capacity %d B, timeout %.0f s, fd exchange %s)",
             self.rank, self.world_size, self.max_bytes, self.timeout, fd_exchange,
@@ -320,6 +325,7 @@ class Communicator:
     def close(self) -> None:
         """Unmaps every mailbox and closes its fds. Local, idempotent."""
         self._closed = True
+        self._fast_ar = self._fast_arn = self._fast_qk = None
         self._mailbox = None
         self._fallback = _Fallback()
         if self._device_mailbox is not None:
@@ -386,8 +392,17 @@ class Communicator:
         fp32 accumulation in rank order: every rank gets a bitwise-identical result.
         ``algorithm`` forces "one_shot" or "two_shot" (all ranks must pass the same).
         """
-        # Fast path, kept to a handful of attribute reads: decode issues ~150 of these calls
-        # per token, so Python overhead here is the op's latency on the host transport.
+        # Fast paths: decode issues ~150 of these calls per token, so Python overhead here is
+        # the op's latency on the host transport. First the C++ one (checks the tensors and
+        # runs the op; -1: not the plain case, nothing communicated), then a Python one kept
+        # to a handful of attribute reads (without ccl._C_torch).
+        fast = self._fast_ar
+        if fast is not None and algorithm is None and op is ReduceOp.SUM:
+            st = fast(tensor, out)
+            if st == 0:
+                return tensor if out is None else out
+            if st > 0:
+                self._raise(st)
         mailbox = self._mailbox
         if mailbox is not None and algorithm is None and op is ReduceOp.SUM:
             code = _DTYPE_CODES.get(getattr(tensor, "dtype", None))
@@ -463,6 +478,14 @@ class Communicator:
         operation. Outputs may alias ``x`` / ``residual`` (in place, as vLLM's
         fused_add_rms_norm); they are allocated when not given.
         """
+        fast = self._fast_arn
+        if fast is not None and algorithm is None and norm_style is NormStyle.STANDARD:
+            # C++ checks and op (see all_reduce); -1: take the Python paths.
+            st = fast(x, residual, weight, eps, out, residual_out)
+            if st == 0:
+                return out, residual_out
+            if st > 0:
+                self._raise(st)
         mailbox = self._mailbox
         code = _DTYPE_CODES.get(getattr(x, "dtype", None))
         if (
@@ -572,6 +595,14 @@ class Communicator:
         stride in the last dimension (rows may be strided, as slices of a fused qkv are).
         This is a collective operation.
         """
+        fast = self._fast_qk
+        if fast is not None:
+            # C++ checks and op (see all_reduce); -1: take the Python path.
+            st = fast(q, k, q_weight, k_weight, eps, q_out, k_out)
+            if st == 0:
+                return q_out, k_out
+            if st > 0:
+                self._raise(st)
         mailbox = self._live()
         if mailbox is None:
             return self._qk_rms_norm_device(q, k, q_weight, k_weight, eps, q_out, k_out)
@@ -749,6 +780,27 @@ class Communicator:
                 peer,
             )
         raise CclError(f"rank {self.rank}: mailbox op failed with status {status}: {err.message}")
+
+
+def _host_fast_path(mailbox, max_bytes: int, two_shot_above: int):
+    """The C++ fast paths (all_reduce, add_rms_norm, qk_rms_norm) of ccl._C_torch for this
+    mailbox, or None: module not built, built for another torch, or CCL_NATIVE_FAST_PATH=0.
+    The Python paths are complete without them (they only make the plain call cheaper)."""
+    if os.environ.get("CCL_NATIVE_FAST_PATH", "1") == "0":
+        return None
+    try:
+        from ccl import _C_torch
+    except ImportError:
+        return None
+    if getattr(_C_torch, "TORCH_VERSION", None) != torch.__version__ or not hasattr(
+        _C_torch, "host_fast_path"
+    ):
+        return None
+    try:
+        return _C_torch.host_fast_path(mailbox, max_bytes, two_shot_above)
+    except Exception as e:  # noqa: BLE001 - an optional speed-up; the Python path remains
+        logger.debug("ccl: no native fast path: %s", e)
+        return None
 
 
 def _open_device_region(kind: str, world: int, rank: int, nbytes: int, device: torch.device):

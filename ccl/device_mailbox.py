@@ -40,6 +40,11 @@ _OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4:
              5: "linear_all_reduce_add_rms_norm", 6: "moe_all_reduce_add_rms_norm"}
 _FLAG_RESIDUAL, _FLAG_GEMMA, _FLAG_TWO_SHOT, _FLAG_HANDSHAKE = 0x01, 0x02, 0x40, 0x80
 _MAX_ROW_WORDS = 16384  # fused norm: one program holds a whole row in registers
+# Fused norm with rows split over several programs (CUDA): those programs wait on each other,
+# so the launch must be co-resident; 128 programs stay far below one per SM of any GPU this
+# targets (an H100/H200 has 132 SMs, and these small programs fit several per SM).
+_MAX_SPLIT_PROGRAMS = 128
+_SPLIT_SHIFT = 8  # header word 0, bits 8..15: log2 of the programs per row
 
 # Control-tensor word indices (host side: plain ints).
 _CTRL_SEQ = K.CTRL_SEQ.value
@@ -144,6 +149,7 @@ def _bits(mask: int) -> tuple[int, ...]:
 
 def _describe(h) -> str:
     op, dt, flags = h[0] >> 24 & 0xFF, h[0] >> 16 & 0xFF, h[0] & 0xFF
+    split = 1 << (h[0] >> _SPLIT_SHIFT & 0xFF)
     eps = struct.unpack("<f", struct.pack("<I", h[3] & 0xFFFFFFFF))[0]
     s = f"{_OP_NAMES.get(op, op)}({_CODE_NAMES.get(dt, dt)}, numel={h[1]}"
     if h[2]:
@@ -152,6 +158,8 @@ def _describe(h) -> str:
         s += f", eps={eps:g}"
     if flags & _FLAG_TWO_SHOT:
         s += ", two_shot"
+    if split > 1:
+        s += f", {split} programs per row"
     return s + ")"
 
 
@@ -212,6 +220,8 @@ class DeviceMailbox:
         self._table = torch.tensor([int(b) for b in bases], dtype=torch.int64, device=self.device)
         self._ctrl = torch.zeros(K.CTRL_WORDS, dtype=torch.int64, device=self.device)
         self._dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
+        # Row scratch of the split fused norm (2 words per program; zero between launches).
+        self._rows = torch.zeros(2 * _MAX_SPLIT_PROGRAMS, dtype=torch.int64, device=self.device)
         self._hop1 = self.layout.hop1_offset // 8
         self._hop2 = self.layout.hop2_offset // 8
         env_spin = os.environ.get("CCL_SPIN_NS")
@@ -220,6 +230,12 @@ class DeviceMailbox:
         )
         #: largest payload block (words) of one all-reduce program; tuned by the bench
         self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
+        #: fused norm: payload words per program when a row is split over programs (CUDA);
+        #: 0 keeps one program per row. Measured on 2x H200: 256-word blocks are the
+        #: fastest all-reduce programs (bench/results/h200x2.json).
+        self.norm_chunk = int(
+            os.environ.get("CCL_DEVICE_NORM_CHUNK", "256" if self.device.type == "cuda" else "0")
+        )
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
         #: Two-shot on CUDA gave wrong 16-bit results on 2x H200 (docs/TRITON.md, open):
@@ -299,7 +315,9 @@ class DeviceMailbox:
                 headers[r] = tuple(x & 0xFFFFFFFF for x in v[base : base + 4])
         ctrl[_CTRL_STATUS : _CTRL_MISMATCH + 1].zero_()
         ctrl[_CTRL_WHERE : _CTRL_FAIL_SEQ + 1].zero_()
-        where = tuple(n for b, n in ((1, "hop1"), (2, "hop2")) if v[_CTRL_WHERE] & b)
+        where = tuple(
+            n for b, n in ((1, "hop1"), (2, "hop2"), (4, "row")) if v[_CTRL_WHERE] & b
+        )
         return DeviceStatus(
             code, v[_CTRL_SEQ], _bits(v[_CTRL_MISSING]), mism, headers, where, v[_CTRL_FAIL_SEQ]
         )
@@ -434,19 +452,28 @@ class DeviceMailbox:
             | (_FLAG_GEMMA if gemma else 0)
             | (_FLAG_TWO_SHOT if two else 0)
         )
+        split = self._norm_split(rows, wpr)
+        flags |= (split.bit_length() - 1) << _SPLIT_SHIFT
         h = self._header(_OP_ADD_RMS_NORM, code, flags, rows * cols, cols, eps)
-        block = max(32, _next_pow2(wpr))
+        chunk = _cdiv(wpr, split)
+        block = max(32, _next_pow2(chunk))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8)
+        if split > 1:
+            warps = max(1, min(8, block // 128))  # as the all-reduce programs
+        else:
+            warps = max(4, min(16, block // 256))
         self._launch(
             K.add_rms_norm_kernel,
-            (rows,),
+            (rows, split),
             x,
             residual if residual is not None else x,
             weight,
             out,
             residual_out if residual_out is not None else out,
+            self._rows,
             cols,
             wpr,
+            chunk,
             float(eps),
             shard,
             self._table,
@@ -462,13 +489,14 @@ class DeviceMailbox:
             EPW=epw,
             WORLD=self.world_size,
             BLOCK=block,
+            SPLIT=split,
             TWO_SHOT=two,
             HAS_RES=residual is not None,
             HAS_RES_OUT=residual_out is not None,
             GEMMA=bool(gemma),
-            SOLO=rows == 1,
+            SOLO=rows * split == 1,
             BACKEND=self.backend,
-            num_warps=max(4, min(16, block // 256)),
+            num_warps=int(os.environ.get("CCL_DEVICE_NORM_WARPS", "0")) or warps,
         )
         return out, residual_out
 
@@ -615,6 +643,23 @@ class DeviceMailbox:
             cols & 0xFFFFFFFF,
             _f32_bits(eps),
         )
+
+    def _norm_split(self, rows: int, wpr: int) -> int:
+        """Programs per row of the fused norm: a power of two, so that programs hold about
+        ``norm_chunk`` payload words each, with at most ``_MAX_SPLIT_PROGRAMS`` programs in
+        the launch. 1 under the interpreter (its programs run one after another and cannot
+        wait on each other) and on XPU (co-residency of a launch not established there)."""
+        if (
+            self.norm_chunk <= 0
+            or self.backend == ll.BACKEND_INTERPRET.value
+            or self.device.type != "cuda"
+        ):
+            return 1
+        cap = _MAX_SPLIT_PROGRAMS // rows
+        split = 1
+        while split * 2 <= cap and split * self.norm_chunk < wpr:
+            split *= 2
+        return split
 
     def _two_shot(self, algorithm) -> bool:
         if algorithm in ("one_shot", 0):

@@ -119,7 +119,7 @@ class Int4Weights:
         s = torch.maximum((hi / 7).abs(), (lo / -8).abs()).clamp(min=1e-8).to(scale_dtype)
         q = (torch.round(wg / s.float()).clamp(-8, 7) + 8).to(torch.int32)
         q = q.reshape(*lead, k // 8, 8, n)
-        packed = torch.zeros(*lead, k // 8, n, dtype=torch.int32)
+        packed = torch.zeros(*lead, k // 8, n, dtype=torch.int32, device=w.device)
         for i in range(8):
             packed |= q[..., i, :] << (4 * i)
         return cls(packed.contiguous(), s.reshape(*lead, k // group_size, n).contiguous(),
@@ -457,6 +457,53 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _device_weight(weight, quant):
+    """(w_ptr, swk, swn, s_ptr, lds, group, WDT, N) kernel arguments of a dense [K, N] weight
+    (any strides) or an Int4Weights."""
+    if quant is not None:
+        return (quant.qweight, quant.qweight.stride(0), quant.qweight.stride(1), quant.scales,
+                quant.scales.stride(0), quant.group_size, _DTYPE_CODES[quant.scales.dtype],
+                quant.N)
+    return (weight, weight.stride(0), weight.stride(1), weight, 0, 1,
+            _DTYPE_CODES[weight.dtype], weight.shape[1])
+
+
+def _gemv_blocks(m: int) -> tuple[int, bool]:
+    """(BM, USE_DOT) of the GEMV tiles for M rows: broadcast-and-sum up to 8 rows, tl.dot
+    (which needs >= 16 rows) above."""
+    use_dot = m > 8
+    return (min(64, max(16, _next_pow2(m))) if use_dot else _next_pow2(m)), use_dot
+
+
+def _launch_now(kernel, grid, *args, **kwargs):
+    kernel[grid](*args, **kwargs)
+
+
+def device_linear_partial(x, weight=None, *, quant=None, out=None, block_n=64, block_k=32,
+                          launch=None):
+    """This rank's fp32 partial ``x [M, K] @ W [K, N]`` on a device (or the Triton
+    interpreter) through the GEMV tiles of the fused kernel (``linear_kernel``): the fused
+    op's compute alone, for benchmarks. ``x`` ``[M, K]`` with unit stride in K. ``launch``
+    (kernel, grid, *args, **kwargs) replaces the launch (``DeviceMailbox._launch`` compiles
+    only)."""
+    from ccl.kernels import triton_fused_linear as F
+
+    m, k = x.shape
+    w_ptr, swk, swn, s_ptr, lds, group, wdt, n = _device_weight(weight, quant)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (m, n) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 [{m}, {n}] tensor")
+    bm, use_dot = _gemv_blocks(m)
+    (launch or _launch_now)(
+        F.linear_kernel, ((n + block_n - 1) // block_n,),
+        x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n,
+        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=bm, BN=block_n,
+        BK=block_k, USE_DOT=use_dot, num_warps=4,
+    )
+    return out
+
+
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
                                gemma=False, out, residual_out, block_n=64, block_k=32):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
@@ -469,14 +516,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         state = _DEVICE_STATES[dm] = _DeviceState(dm)
     code = _DTYPE_CODES[x.dtype]
     m, k = x.shape
-    if quant is not None:
-        w_ptr, s_ptr = quant.qweight, quant.scales
-        swk, swn = quant.qweight.stride(0), quant.qweight.stride(1)
-        lds, group, wdt, n = quant.scales.stride(0), quant.group_size, _DTYPE_CODES[quant.scales.dtype], quant.N
-    else:
-        w_ptr, s_ptr = weight, weight
-        swk, swn = weight.stride(0), weight.stride(1)
-        lds, group, wdt, n = 0, 1, _DTYPE_CODES[weight.dtype], weight.shape[1]
+    w_ptr, swk, swn, s_ptr, lds, group, wdt, n = _device_weight(weight, quant)
     if m * n > dm.layout.cap_words:
         raise ValueError(f"the fp32 partial of {m}x{n} exceeds the mailbox capacity "
                          f"{dm.capacity_bytes} bytes ({dm.layout.cap_words} packets)")
@@ -486,12 +526,14 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
              | (F.FLAG_INT4 if quant is not None else 0))
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
-    use_dot = m > 8
-    bm = min(64, max(16, _next_pow2(m))) if use_dot else _next_pow2(m)
+    bm, use_dot = _gemv_blocks(m)
     bn = block_n
     n_tiles = (n + bn - 1) // bn
     block_row = max(16, _next_pow2(n))
-    F.linear_add_rms_norm_kernel[(n_tiles + m,)](
+    # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
+    # nothing, so benches can compile every variant before any rank waits on a peer.
+    dm._launch(
+        F.linear_add_rms_norm_kernel, (n_tiles + m,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group,
         residual if residual is not None else out, norm_weight, out,
         residual_out if residual_out is not None else out,

@@ -232,10 +232,32 @@ def _finish(ctrl, aux, seq):
 
 
 @triton.jit
+def linear_kernel(
+    x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, out_ptr, M, K, N,
+    XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """The GEMV alone (no communication): fp32 ``out [M, N] = x @ W``, one program per BN
+    columns looping over M exactly like the GEMV tiles of ``linear_add_rms_norm_kernel``
+    (same ``_gemv_tile``, same blocks), so it times the fused kernel's compute share."""
+    n0 = tl.program_id(0) * BN
+    m0 = tl.full([], 0, tl.int32)
+    while m0 < M:
+        acc = _gemv_tile(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
+                         XDT, WDT, INT4, BM, BN, BK, USE_DOT)
+        rows = m0 + tl.arange(0, BM)
+        cols = n0 + tl.arange(0, BN)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc,
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+        m0 += BM
+
+
+@triton.jit
 def fill_words_kernel(ptr, n_words, value, BLOCK: tl.constexpr):
     """``ptr[0:n_words] = value`` (int64): initialises a workspace."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(ptr + offs, tl.full([BLOCK], 0, tl.int64) + value, mask=offs < n_words)
 
 
-ll.interpreter_fast_calls(globals(), keep=("linear_add_rms_norm_kernel", "fill_words_kernel"))
+ll.interpreter_fast_calls(globals(), keep=("linear_add_rms_norm_kernel", "linear_kernel",
+                                         "fill_words_kernel"))

@@ -333,18 +333,21 @@ def _scrub(
 
 @triton.jit
 def _finish(ctrl, seq, SOLO: tl.constexpr):
-    """Last program of the launch publishes ``seq`` and resets the done counter. ``SOLO``
-    (a one-program launch) stores it directly. Relaxed atomic: every program reaches it only
+    """Last program of the launch publishes ``seq`` and resets the done counter (returns
+    whether this program was the last). ``SOLO`` (a one-program launch) stores it directly. Relaxed atomic: every program reaches it only
     after spins whose exit depends on the flag derived from its own ``seq`` load, so that load
     has completed; a release fence here would wait for the remote stores (~µs)."""
     if SOLO:
         tl.store(ctrl + CTRL_SEQ, seq)
+        last = True
     else:
         n = tl.num_programs(0) * tl.num_programs(1)
         old = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="relaxed", scope="gpu")
-        if old == n - 1:
+        last = old == n - 1
+        if last:
             tl.store(ctrl + CTRL_DONE, 0)
             tl.store(ctrl + CTRL_SEQ, seq)
+    return last
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -457,15 +460,71 @@ def all_reduce_kernel(
     _finish(ctrl, seq, SOLO)
 
 
-@triton.jit(do_not_specialize=("cols", "wpr", "eps", "shard_words") + _COMMON)
+@triton.jit
+def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
+                        SPLIT: tl.constexpr, BACKEND: tl.constexpr):
+    """Sum of squares of a whole row whose ``SPLIT`` parts are held by ``SPLIT`` programs of
+    this launch (``part`` is ours, ``ss`` its partial). Each program publishes two LL8 words
+    in this rank's ``rows`` scratch (words ``[row][part][2]``: the partial, then whether its
+    exchange failed), each with bit 31 of the data set as a "written" mark, then waits for all
+    of the row's words and adds the partials in part order -- the same order on every rank and
+    in every program, so the result is bitwise identical everywhere. The last program of the
+    launch zeroes the words afterwards (``_clear_rows``), so a word never survives from an
+    earlier call and the 32-bit flag cannot alias after wraparound. Returns (ss, failed).
+
+    GPU only: programs wait on programs of the same launch, so the launch must be co-resident
+    (the host keeps ``rows * SPLIT`` far below the SM count) and the Triton interpreter, which
+    runs programs one after another, always gets ``SPLIT == 1``."""
+    flag = seq & ll.LOW32
+    mark = tl.full([], 0x80000000, tl.int64)
+    two = tl.arange(0, 2)
+    ss_bits = ss.to(tl.int32, bitcast=True).to(tl.int64) & 0x7FFFFFFF  # ss >= 0: the sign is ours
+    mine = tl.where(two == 0, ss_bits, failed.to(tl.int64)) | mark
+    base = rows_ptr + row * (2 * SPLIT)
+    ll.store(base + 2 * part + two, ll.pack(mine, flag), two < 2, BACKEND)
+    j = tl.arange(0, 2 * SPLIT)
+    w = ll.load(base + j, j < 2 * SPLIT, BACKEND)
+    ready = (ll.flag_of(w) == flag) & ((ll.data_of(w) & mark) != 0)
+    pending = tl.sum((ready == 0).to(tl.int32), 0)
+    spins = 0
+    while (pending > 0) & (spins < limit):
+        w = tl.where(ready, w, ll.load(base + j, ready == 0, BACKEND))
+        ready = (ll.flag_of(w) == flag) & ((ll.data_of(w) & mark) != 0)
+        pending = tl.sum((ready == 0).to(tl.int32), 0)
+        spins += 1
+    if pending > 0:  # a sibling program never published: it is stuck on a peer (recorded)
+        tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+        tl.atomic_or(ctrl + CTRL_WHERE, 4)
+        tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+    d = ll.data_of(w) & 0x7FFFFFFF
+    parts = tl.where((j % 2) == 0, d.to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+    total = tl.sum(parts, 0)
+    bad = tl.sum(tl.where((j % 2) == 1, d, 0), 0) + pending
+    return total, (bad != 0).to(tl.int32)
+
+
+@triton.jit
+def _clear_rows(rows_ptr, n, BACKEND: tl.constexpr):
+    """Zeroes ``n`` words of the row scratch (the last program of a launch, when every
+    program has read it)."""
+    off = tl.arange(0, 256)
+    t = 0
+    while t < n:
+        ll.store(rows_ptr + t + off, off.to(tl.int64) * 0, t + off < n, BACKEND)
+        t += 256
+
+
+@triton.jit(do_not_specialize=("cols", "wpr", "chunk", "eps", "shard_words") + _COMMON)
 def add_rms_norm_kernel(
     x_ptr,
     res_ptr,
     weight_ptr,
     out_ptr,
     res_out_ptr,
+    rows_ptr,
     cols,
     wpr,
+    chunk,
     eps,
     shard_words,
     table,
@@ -484,6 +543,7 @@ def add_rms_norm_kernel(
     EPW: tl.constexpr,
     WORLD: tl.constexpr,
     BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
     TWO_SHOT: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_RES_OUT: tl.constexpr,
@@ -491,34 +551,46 @@ def add_rms_norm_kernel(
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
 ):
-    """One program per row of ``cols`` elements. Payload rows are padded to ``wpr`` words
+    """Program (row, part) of a (rows, SPLIT) grid holds payload words [part*chunk,
+    (part+1)*chunk) of one row of ``cols`` elements. Payload rows are padded to ``wpr`` words
     (``ceil(cols / elements per word)``) so no word straddles two rows. r = sum_r x_r (+
     residual), res_out = r, out = r * rsqrt(mean(r^2) + eps) * (weight (+1 for GEMMA)); fp32
-    math, no intermediate rounding. Outputs may alias x / residual."""
+    math, no intermediate rounding. Outputs may alias x / residual (a program reads its part of
+    a row before it writes it). ``SPLIT == 1``: one program per row, no intra-launch waits
+    (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in ``rows_ptr``
+    (``_row_sum_of_squares``)."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
     seq = tl.load(ctrl + CTRL_SEQ) + 1
     lane = tl.arange(0, BLOCK)
     n_words = tl.num_programs(0) * wpr
-    w = row * wpr + lane
-    wmask = lane < wpr
+    wr = part * chunk + lane  # payload word within the row
+    w = row * wpr + wr
+    wmask = (lane < chunk) & (wr < wpr)
     if DTYPE == 0:
-        c_lo = lane
-        c_hi = lane
+        c_lo = wr
+        c_hi = wr
+        m_lo = wmask & (c_lo < cols)
         m_hi = lane < 0
     else:
-        c_lo = 2 * lane
-        c_hi = 2 * lane + 1
-        m_hi = c_hi < cols
-    m_lo = c_lo < cols
+        c_lo = 2 * wr
+        c_hi = 2 * wr + 1
+        m_lo = wmask & (c_lo < cols)
+        m_hi = wmask & (c_hi < cols)
     base = row.to(tl.int64) * cols
     data, own_lo, own_hi = _load_pair(x_ptr + base, c_lo, m_lo, c_hi, m_hi, DTYPE)
+    # Residual and weight are loaded before the exchange: their memory latency then overlaps
+    # the wait for the peers instead of following it.
+    if HAS_RES:
+        _, r_lo, r_hi = _load_pair(res_ptr + base, c_lo, m_lo, c_hi, m_hi, DTYPE)
+    _, w_lo, w_hi = _load_pair(weight_ptr, c_lo, m_lo, c_hi, m_hi, DTYPE)
     acc_lo, acc_hi, failed = _exchange(
         w,
         wmask,
         data,
         own_lo,
         own_hi,
-        row == 0,
+        (row == 0) & (part == 0),
         table,
         ctrl,
         rank,
@@ -541,14 +613,16 @@ def add_rms_norm_kernel(
         BACKEND,
     )
     if HAS_RES:
-        _, r_lo, r_hi = _load_pair(res_ptr + base, c_lo, m_lo, c_hi, m_hi, DTYPE)
         acc_lo = acc_lo + r_lo
         acc_hi = acc_hi + r_hi
     ss = tl.sum(tl.where(m_lo, acc_lo * acc_lo, 0.0), 0)
     if DTYPE != 0:
         ss = ss + tl.sum(tl.where(m_hi, acc_hi * acc_hi, 0.0), 0)
+    if SPLIT > 1:
+        ss, failed = _row_sum_of_squares(
+            rows_ptr, row, part, ss, failed, seq, ctrl, limit, SPLIT, BACKEND
+        )
     inv = tl.math.rsqrt(ss / cols + eps)
-    _, w_lo, w_hi = _load_pair(weight_ptr, c_lo, m_lo, c_hi, m_hi, DTYPE)
     if GEMMA:
         w_lo = w_lo + 1.0
         w_hi = w_hi + 1.0
@@ -579,7 +653,10 @@ def add_rms_norm_kernel(
         TWO_SHOT,
         BACKEND,
     )
-    _finish(ctrl, seq, SOLO)
+    last = _finish(ctrl, seq, SOLO)
+    if SPLIT > 1:
+        if last:
+            _clear_rows(rows_ptr, tl.num_programs(0) * (2 * SPLIT), BACKEND)
 
 
 @triton.jit(

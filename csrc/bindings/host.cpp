@@ -2,12 +2,37 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "host/entry.h"
 #include "host/layout.h"
 #include "host/mailbox.h"
 #include "host/shm.h"
 
 namespace py = pybind11;
 using namespace ccl;
+
+namespace {
+// The C entry points of host/entry.h (ccl._C_torch's tensor fast path calls these).
+extern "C" int entry_all_reduce(void* mb, uintptr_t in, uintptr_t out, int64_t numel,
+                                int dtype, int algo) {
+  return static_cast<HostMailbox*>(mb)->all_reduce(in, out, numel, dtype, algo, 0);
+}
+extern "C" int entry_add_rms_norm(void* mb, uintptr_t x, uintptr_t residual, uintptr_t weight,
+                                  uintptr_t out, uintptr_t residual_out, int64_t rows,
+                                  int64_t cols, int dtype, float eps, int gemma, int algo) {
+  return static_cast<HostMailbox*>(mb)->add_rms_norm(x, residual, weight, out, residual_out,
+                                                      rows, cols, dtype, eps, gemma != 0, algo);
+}
+extern "C" int entry_qk_rms_norm(void* mb, uintptr_t q, int64_t q_stride, uintptr_t k,
+                                 int64_t k_stride, uintptr_t q_weight, uintptr_t k_weight,
+                                 uintptr_t q_out, uintptr_t k_out, int64_t q_out_stride,
+                                 int64_t k_out_stride, int64_t rows, int64_t q_cols,
+                                 int64_t k_cols, int dtype, float eps) {
+  return static_cast<HostMailbox*>(mb)->qk_rms_norm(q, q_stride, k, k_stride, q_weight,
+                                                     k_weight, q_out, k_out, q_out_stride,
+                                                     k_out_stride, rows, q_cols, k_cols, dtype,
+                                                     eps);
+}
+}  // namespace
 
 void register_host(py::module_& root) {
   py::module_ m = root.def_submodule("host", "host shared-memory transport and CPU kernels");
@@ -16,6 +41,11 @@ void register_host(py::module_& root) {
   m.attr("MAGIC") = kMailboxMagic;
   m.attr("MAX_WORLD") = kMaxWorld;
   m.attr("HEADER_WORDS") = kHeaderWords;
+  // (abi, all_reduce, add_rms_norm, qk_rms_norm) addresses, see host/entry.h.
+  m.attr("ENTRY_POINTS") = py::make_tuple(
+      kHostEntryAbi, reinterpret_cast<uintptr_t>(static_cast<HostAllReduceFn>(&entry_all_reduce)),
+      reinterpret_cast<uintptr_t>(static_cast<HostAddRmsNormFn>(&entry_add_rms_norm)),
+      reinterpret_cast<uintptr_t>(static_cast<HostQkRmsNormFn>(&entry_qk_rms_norm)));
 
   m.def("region_bytes",
         [](int world, size_t capacity) { return MailboxLayout::make(world, capacity).region_bytes; },
@@ -101,5 +131,8 @@ void register_host(py::module_& root) {
       .def_property("ll_max_bytes", &HostMailbox::ll_max_bytes, &HostMailbox::set_ll_max_bytes)
       .def_property_readonly("capacity_bytes", &HostMailbox::capacity_bytes)
       .def_property_readonly("rank", &HostMailbox::rank)
-      .def_property_readonly("world", &HostMailbox::world);
+      .def_property_readonly("world", &HostMailbox::world)
+      // For the ENTRY_POINTS callers only; valid while this object lives.
+      .def_property_readonly("address",
+                             [](HostMailbox& mb) { return reinterpret_cast<uintptr_t>(&mb); });
 }

@@ -412,10 +412,15 @@ class MailboxBackend : public Backend {
 
 namespace py = pybind11;
 
+namespace ccl_torch {
+void register_fastpath(py::module_& m);  // fastpath.cpp: the host Communicator's fast path
+}
+
 PYBIND11_MODULE(_C_torch, m) {
   m.doc() = "mailbox-ccl torch.distributed backend 'mbx' (c10d::Backend)";
   // torch.__version__ at build time: the c10d C++ ABI is only stable within one release.
   m.attr("TORCH_VERSION") = CCL_TORCH_VERSION;
+  ccl_torch::register_fastpath(m);
 
   // create(...) -> torch.distributed Backend. Takes ownership of the mappings in `bases` and
   // of `fd` (unmapped / closed when the backend is destroyed).

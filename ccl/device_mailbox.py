@@ -228,8 +228,11 @@ class DeviceMailbox:
         self.spin_ns = float(
             spin_ns or (env_spin and float(env_spin)) or _SPIN_NS.get(self.device.type, 500.0)
         )
-        #: largest payload block (words) of one all-reduce program; tuned by the bench
-        self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
+        #: largest payload block (words) of one all-reduce program; tuned by the bench (2x
+        #: H200: 256-word programs are the fastest from 8 KB to 256 KB, h200x2.json)
+        self.max_block = int(
+            os.environ.get("CCL_DEVICE_MAX_BLOCK", "256" if self.device.type == "cuda" else "1024")
+        )
         #: fused norm: payload words per program when a row is split over programs (CUDA);
         #: 0 keeps one program per row. Measured on 2x H200: 256-word blocks are the
         #: fastest all-reduce programs (bench/results/h200x2.json).

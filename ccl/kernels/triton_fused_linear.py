@@ -53,6 +53,7 @@ from ccl.kernels.triton_mailbox import (
     SCRUB_MASK,
     _header,
     _load_f32,
+    _load_seq,
     _ptr,
     _scrub,
     _wait_peer,
@@ -119,7 +120,7 @@ def linear_add_rms_norm_kernel(
     stride ``ldx``), W ``[K, N]`` (strides ``swk``, ``swn``; INT4: qweight strides of the
     packed ``[K/8, N]``), residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``.
     Outputs may alias the residual (each epilogue program reads its row before writing)."""
-    seq = tl.load(ctrl + CTRL_SEQ) + 1
+    seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1)
     flag = seq & ll.LOW32
     phase = seq & 1

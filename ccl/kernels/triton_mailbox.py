@@ -34,6 +34,8 @@ as a mismatch (``ctrl[CTRL_MISMATCH]`` mask, the peer's header in ``ctrl[CTRL_HE
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -64,6 +66,11 @@ PAYLOAD_OFFSET = tl.constexpr(16)  # payload packets start 128 bytes into a hop-
 SCRUB_MASK = tl.constexpr(0x7FFFFFFF)  # scrub when (seq & mask) < 2, as the C++ code
 SCRUB_BLOCK = tl.constexpr(256)
 
+# The per-call sequence number is read with an L1-bypassing load by default: it is written by
+# the last program of the previous launch, possibly on another SM. CCL_SEQ_PLAIN_LOAD=1 (read
+# at import) restores a default load, for A/B runs of bench/stall_probe.py.
+SEQ_VOLATILE = tl.constexpr(os.environ.get("CCL_SEQ_PLAIN_LOAD", "0") != "1")
+
 STATUS_OK = 0
 STATUS_TIMEOUT = 1
 STATUS_MISMATCH = 2
@@ -74,6 +81,19 @@ STATUS_MISMATCH = 2
 def _ptr(table, r):
     """Base of rank ``r``'s region (int64 words) from the pointer table."""
     return tl.load(table + r).to(tl.pointer_type(tl.int64))
+
+
+@triton.jit
+def _load_seq(ctrl, BACKEND: tl.constexpr):
+    """Sequence number of this launch: the last one's plus 1."""
+    if SEQ_VOLATILE:
+        if (BACKEND == ll.BACKEND_XPU) or (BACKEND == ll.BACKEND_XPU_ATOMIC):
+            s = tl.load(ctrl + CTRL_SEQ, cache_modifier=".cv", volatile=True)
+        else:
+            s = tl.load(ctrl + CTRL_SEQ, volatile=True)
+    else:
+        s = tl.load(ctrl + CTRL_SEQ)
+    return s + 1
 
 
 @triton.jit
@@ -398,7 +418,7 @@ def all_reduce_kernel(
     payload words [j*BLOCK, (j+1)*BLOCK). out may alias x. ``n_words == 0``: header-only
     handshake."""
     pid = tl.program_id(0)
-    seq = tl.load(ctrl + CTRL_SEQ) + 1
+    seq = _load_seq(ctrl, BACKEND)
     w = pid * BLOCK + tl.arange(0, BLOCK)
     wmask = w < n_words
     if DTYPE == 0:
@@ -561,7 +581,7 @@ def add_rms_norm_kernel(
     (``_row_sum_of_squares``)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
-    seq = tl.load(ctrl + CTRL_SEQ) + 1
+    seq = _load_seq(ctrl, BACKEND)
     lane = tl.arange(0, BLOCK)
     n_words = tl.num_programs(0) * wpr
     wr = part * chunk + lane  # payload word within the row
@@ -700,7 +720,7 @@ def qk_rms_norm_kernel(
     are all-reduced as fp32 payload words 2t, 2t+1 (one-shot), then q_out = q * rsqrt(ss_q /
     (q_cols * WORLD) + eps) * q_weight (k likewise). Rows may be strided; outputs may alias."""
     t = tl.program_id(0)
-    seq = tl.load(ctrl + CTRL_SEQ) + 1
+    seq = _load_seq(ctrl, BACKEND)
     cq = tl.arange(0, BQ)
     ck = tl.arange(0, BK)
     mq = cq < q_cols

@@ -167,19 +167,10 @@ def _run_rank(rank: int, world: int, args) -> int:
         out.line(f"# {'op':<24} {'size':>8} {'shape':>12} | {'ccl p50':>8} {'p99':>7} | "
                  f"{'base p50':>8} {'p99':>7} | {'ratio':>6} | {'symm/ar':>8} | #wrong")
         results = []
-        for i, (op, size, shape) in enumerate(plan):
-            out.progress(f"ccl-bench cuda: {op} {size} B [{i + 1}/{len(plan)}] "
-                         f"{time.monotonic() - started:.0f}s")
-            res = bench.point(op, size, shape)
-            results.append(res)
-            out.progress_done()
-            out.line(_row(res))
-        wrong = sum(r["wrong"] for r in results)
-        ok = wrong == 0
-        out.line(f"# {'OK' if ok else 'FAILED'}: {len(results)} points, {wrong} wrong, "
-                 f"{time.monotonic() - started:.0f} s")
-        if rank == 0:
-            report = {
+
+        def report(done: bool) -> dict[str, Any]:
+            wrong = sum(r["wrong"] for r in results)
+            return {
                 "schema": "ccl-bench/1",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
@@ -187,16 +178,45 @@ def _run_rank(rank: int, world: int, args) -> int:
                 "machine": machine,
                 "config": config,
                 "results": results,
-                "summary": {"ok": ok, "wrong": wrong, "points": len(results),
+                "summary": {"ok": wrong == 0 and done, "complete": done, "wrong": wrong,
+                            "points": len(results), "planned": len(plan),
                             "elapsed_s": round(time.monotonic() - started, 1)},
                 "stdout": out.lines,
             }
-            cli._write_outputs(report, args, world)
+
+        for i, (op, size, shape) in enumerate(plan):
+            out.progress(f"ccl-bench cuda: {op} {size} B [{i + 1}/{len(plan)}] "
+                         f"{time.monotonic() - started:.0f}s")
+            res = bench.point(op, size, shape)
+            results.append(res)
+            out.progress_done()
+            out.line(_row(res))
+            if rank == 0:  # a run stopped part-way still leaves every finished point
+                _write_json(report(False), args, world)
+        wrong = sum(r["wrong"] for r in results)
+        ok = wrong == 0
+        out.line(f"# {'OK' if ok else 'FAILED'}: {len(results)} points, {wrong} wrong, "
+                 f"{time.monotonic() - started:.0f} s")
+        if rank == 0:
+            cli._write_outputs(report(True), args, world)
         dist.barrier()
         return 0 if ok else 1
     finally:
         comm.close()
         dist.destroy_process_group()
+
+
+def _write_json(report: dict[str, Any], args, world: int) -> None:
+    import json
+    from pathlib import Path
+
+    from ccl import bench as cli
+
+    path = Path(args.json or (args.out or cli._default_prefix(args, world)) + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _row(r: dict[str, Any]) -> str:

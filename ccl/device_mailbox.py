@@ -44,6 +44,7 @@ _MAX_ROW_WORDS = 16384  # fused norm: one program holds a whole row in registers
 # so the launch must be co-resident; 128 programs stay far below one per SM of any GPU this
 # targets (an H100/H200 has 132 SMs, and these small programs fit several per SM).
 _MAX_SPLIT_PROGRAMS = 128
+_MAX_AR_PROGRAMS = 128
 _SPLIT_SHIFT = 8  # header word 0, bits 8..15: log2 of the programs per row
 
 # Control-tensor word indices (host side: plain ints).
@@ -228,17 +229,15 @@ class DeviceMailbox:
         self.spin_ns = float(
             spin_ns or (env_spin and float(env_spin)) or _SPIN_NS.get(self.device.type, 500.0)
         )
-        #: largest payload block (words) of one all-reduce program; tuned by the bench (2x
-        #: H200: 256-word programs are the fastest from 8 KB to 256 KB, h200x2.json)
-        self.max_block = int(
-            os.environ.get("CCL_DEVICE_MAX_BLOCK", "256" if self.device.type == "cuda" else "1024")
-        )
+        #: largest payload block (words) of one all-reduce program (2x H200: 256-word programs
+        #: are ~10% faster from 8 KB to 256 KB, h200x2.json, but 1024 is the configuration
+        #: validated over 100k graph-replayed ops; CCL_DEVICE_MAX_BLOCK=256 opts in)
+        self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
         #: fused norm: payload words per program when a row is split over programs (CUDA);
-        #: 0 keeps one program per row. Measured on 2x H200: 256-word blocks are the
-        #: fastest all-reduce programs (bench/results/h200x2.json).
-        self.norm_chunk = int(
-            os.environ.get("CCL_DEVICE_NORM_CHUNK", "256" if self.device.type == "cuda" else "0")
-        )
+        #: 0 (default) keeps one program per row. 256 is 1.9x faster at 8x7168 on 2x H200
+        #: but hung twice in graph-replay validation (3x1001 rows; open bug, docs/TRITON.md),
+        #: so it is opt-in: CCL_DEVICE_NORM_CHUNK=256.
+        self.norm_chunk = int(os.environ.get("CCL_DEVICE_NORM_CHUNK", "0"))
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
         #: Two-shot on CUDA gave wrong 16-bit results on 2x H200 (docs/TRITON.md, open):
@@ -600,7 +599,11 @@ class DeviceMailbox:
             cols,
             eps,
         )
+        # At most _MAX_AR_PROGRAMS programs: on 2x H200, launches of 512-1024 programs gave
+        # occasional wrong blocks with no status recorded (bench/results/h200x2-validate-s2.log,
+        # open bug); launches of <= 128 programs never did.
         block = min(self.max_block, max(64, _next_pow2(n_words)))
+        block = max(block, _next_pow2(_cdiv(n_words, _MAX_AR_PROGRAMS)))
         grid = max(1, _cdiv(n_words, block))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8) if two else 0
         self._launch(

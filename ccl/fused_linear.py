@@ -504,8 +504,16 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, block_n=64, b
     return out
 
 
+def _fused_blocks(m: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the fused kernel's GEMV tiles for M rows: the fastest of the
+    sweep in bench/results/h200x2-fused-linear.json (K 1536, N 3072, bf16 and INT4): narrow
+    tiles give more programs for a decode-sized GEMV (M=1: 32x64, 19.0 vs 28.8 us for 64x32;
+    M=8: 16x128, 54.9 vs 146.8 us)."""
+    return (32, 64) if m <= 4 else (16, 128)
+
+
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
-                               gemma=False, out, residual_out, block_n=64, block_k=32):
+                               gemma=False, out, residual_out, block_n=None, block_k=None):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
     interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K; outputs / residual
     contiguous ``[.., N]``. Collective, asynchronous (``dm.raise_if_failed()``)."""
@@ -527,7 +535,9 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
     bm, use_dot = _gemv_blocks(m)
-    bn = block_n
+    default_n, default_k = _fused_blocks(m)
+    bn = block_n or default_n
+    block_k = block_k or default_k
     n_tiles = (n + bn - 1) // bn
     block_row = max(16, _next_pow2(n))
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches

@@ -319,10 +319,16 @@ def _interp_worker(rank, world, store_path, seed, q):
         from ccl.fused_linear import device_linear_add_rms_norm
 
         ex, region, mb = TI._setup(rank, world, store_path, "fused-linear", cap=CAP)
-        cases = [("bfloat16", "dense_kn", 1, 64, 48), ("float32", "int4_g32", 3, 64, 40),
-                 ("bfloat16", "int4_g32", 17, 64, 24), ("float16", "dense_nk", 2, 40, 33)]
+        # (dtype, weight, M, K, N, BLOCK_N): 16 = narrow tiles everywhere; None = the
+        # library's per-M defaults (32x64 for M <= 4, 16x128 above: several K tiles, and
+        # INT4 groups smaller than a K tile)
+        cases = [("bfloat16", "dense_kn", 1, 64, 48, 16), ("float32", "int4_g32", 3, 64, 40, 16),
+                 ("bfloat16", "int4_g32", 17, 64, 24, 16), ("float16", "dense_nk", 2, 40, 33, 16),
+                 ("bfloat16", "int4_g32", 1, 192, 72, None),
+                 ("bfloat16", "int4_g32", 8, 320, 40, None),
+                 ("float16", "dense_nk", 6, 300, 36, None)]
         digests = []
-        for i, (dtype_name, kind, m, k, n) in enumerate(cases):
+        for i, (dtype_name, kind, m, k, n, block_n) in enumerate(cases):
             dtype = getattr(torch, dtype_name)
             xs = [gen(seed, ("ix", i, r), (m, k), dtype) for r in range(world)]
             parts, mine = [], None
@@ -335,7 +341,7 @@ def _interp_worker(rank, world, store_path, seed, q):
             ref_o, ref_r = _reference(parts, residual, nw)
             out, res_out = poison_like(residual), poison_like(residual)
             device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1], residual, nw, EPS,
-                                       out=out, residual_out=res_out, block_n=16)
+                                       out=out, residual_out=res_out, block_n=block_n)
             mb.raise_if_failed()
             _check(f"interp case {i} residual_out", res_out, ref_r, dtype)
             _check(f"interp case {i} out", out, ref_o, dtype)

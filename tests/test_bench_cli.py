@@ -104,6 +104,50 @@ def test_bad_arguments_fail_fast():
     assert proc.returncode == 2 and "broadcast" in proc.stderr
 
 
+def test_cuda_device_without_gpus_fails_fast(tmp_path):
+    """--device cuda needs one GPU per rank: on a machine with fewer it says so and exits 2
+    without spawning anything (the CUDA run itself is bench/results/h200x2-ccl-bench-*.json)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: the CUDA bench would run for real")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccl.bench", "--device", "cuda", "--quick", "--no-plot"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--device cuda needs 2 GPUs" in proc.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_cuda_plan_covers_every_op_and_the_decode_shapes():
+    """The CUDA bench's point list (no GPU needed to build it)."""
+    import argparse
+
+    import torch
+
+    from ccl import _bench_cuda
+
+    args = argparse.Namespace(
+        ops=list(OPS), torch_dtype=torch.bfloat16, qk_max_tokens=32, hidden=4096, quick=True,
+        min_bytes=8, max_bytes=64 * 1024, seed=1, verbose=False,
+    )
+    bench = _bench_cuda._Bench(0, 2, torch.device("cpu"), None, args)
+    plan = bench.plan()
+    assert {op for op, _, _ in plan} == set(OPS)
+    norms = {shape for op, _, shape in plan if op == "all_reduce_add_rms_norm"}
+    assert {(1, 4096), (8, 7168), (8, 4096), (32, 4096)} <= norms
+    assert [shape[0] for op, _, shape in plan if op == "qk_rms_norm"] == [1, 8, 32]
+    for op, size, shape in plan:
+        if op == "all_reduce":
+            assert size == 2 * shape[0] and size <= 64 * 1024
+        elif op == "all_reduce_add_rms_norm":
+            assert size == 2 * shape[0] * shape[1]
+
+
 def test_launcher_detection():
     from ccl._cli_launch import detect_launcher
 

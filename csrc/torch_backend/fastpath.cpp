@@ -109,12 +109,22 @@ inline uintptr_t out_ptr(const at::Tensor& t) {
 
 PyObject* status(int st) { return PyLong_FromLong(st); }
 
+// The answer to an exception: before the op started, -1 (nothing was communicated; the Python
+// path checks the input and words the error); after, a raised RuntimeError, never -1, so the
+// Python path cannot run the same collective a second time.
+PyObject* failed(bool started, const std::exception& e) {
+  if (!started) return status(-1);
+  PyErr_Format(PyExc_RuntimeError, "ccl host op failed after it started: %s", e.what());
+  return nullptr;
+}
+
 // all_reduce(tensor, out_or_None) -> status | -1. SUM; out=None means in place.
 PyObject* fast_all_reduce(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   FastState* s = state_of(self);
   if (s == nullptr) return nullptr;
   if (nargs != 2) return status(-1);
   int st = -1;
+  bool started = false;
   try {
     const at::Tensor* t = tensor_of(args[0]);
     if (t == nullptr) return status(-1);
@@ -132,11 +142,11 @@ PyObject* fast_all_reduce(PyObject* self, PyObject* const* args, Py_ssize_t narg
     const uintptr_t o = out_ptr(*out);
     const uintptr_t in = out == t ? o : in_ptr(*t);
     const int algo = nbytes > s->two_shot_above ? 1 : 0;
-    Py_BEGIN_ALLOW_THREADS
+    started = true;
+    py::gil_scoped_release nogil;  // RAII: the GIL is back before any catch below runs
     st = s->all_reduce(s->mailbox, in, o, numel, code, algo);
-    Py_END_ALLOW_THREADS
-  } catch (const std::exception&) {
-    return status(-1);  // the Python path raises its own error for this input
+  } catch (const std::exception& e) {
+    return failed(started, e);
   }
   return status(st);
 }
@@ -148,6 +158,7 @@ PyObject* fast_add_rms_norm(PyObject* self, PyObject* const* args, Py_ssize_t na
   if (s == nullptr) return nullptr;
   if (nargs != 6) return status(-1);
   int st = -1;
+  bool started = false;
   try {
     const at::Tensor* x = tensor_of(args[0]);
     const at::Tensor* w = tensor_of(args[2]);
@@ -174,12 +185,12 @@ PyObject* fast_add_rms_norm(PyObject* self, PyObject* const* args, Py_ssize_t na
     const uintptr_t xp = in_ptr(*x), rp = res ? in_ptr(*res) : 0, wp = in_ptr(*w);
     const int algo = nbytes > s->two_shot_above ? 1 : 0;
     const float feps = static_cast<float>(eps);
-    Py_BEGIN_ALLOW_THREADS
+    started = true;
+    py::gil_scoped_release nogil;
     st = s->add_rms_norm(s->mailbox, xp, rp, wp, op, rop, numel / cols, cols, code, feps, 0,
                          algo);
-    Py_END_ALLOW_THREADS
-  } catch (const std::exception&) {
-    return status(-1);
+  } catch (const std::exception& e) {
+    return failed(started, e);
   }
   return status(st);
 }
@@ -191,6 +202,7 @@ PyObject* fast_qk_rms_norm(PyObject* self, PyObject* const* args, Py_ssize_t nar
   if (s == nullptr) return nullptr;
   if (nargs != 7) return status(-1);
   int st = -1;
+  bool started = false;
   try {
     const at::Tensor* q = tensor_of(args[0]);
     const at::Tensor* k = tensor_of(args[1]);
@@ -220,12 +232,12 @@ PyObject* fast_qk_rms_norm(PyObject* self, PyObject* const* args, Py_ssize_t nar
     const int64_t qs = q->stride(0), ks = k->stride(0), qos = qo->stride(0),
                   kos = ko->stride(0), qc = q->size(1), kc = k->size(1);
     const float feps = static_cast<float>(eps);
-    Py_BEGIN_ALLOW_THREADS
+    started = true;
+    py::gil_scoped_release nogil;
     st = s->qk_rms_norm(s->mailbox, qp, qs, kp, ks, qwp, kwp, qop, kop, qos, kos, rows, qc, kc,
                         code, feps);
-    Py_END_ALLOW_THREADS
-  } catch (const std::exception&) {
-    return status(-1);
+  } catch (const std::exception& e) {
+    return failed(started, e);
   }
   return status(st);
 }

@@ -238,6 +238,8 @@ class DeviceMailbox:
         #: but hung twice in graph-replay validation (3x1001 rows; open bug, docs/TRITON.md),
         #: so it is opt-in: CCL_DEVICE_NORM_CHUNK=256.
         self.norm_chunk = int(os.environ.get("CCL_DEVICE_NORM_CHUNK", "0"))
+        #: fused norm: warps per program (0: chosen from the block; a bench knob)
+        self.norm_warps = int(os.environ.get("CCL_DEVICE_NORM_WARPS", "0"))
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
         #: Two-shot on CUDA gave wrong 16-bit results on 2x H200 (docs/TRITON.md, open):
@@ -478,15 +480,7 @@ class DeviceMailbox:
             chunk,
             float(eps),
             shard,
-            self._table,
-            self._ctrl,
-            self.rank,
-            *h,
-            self._hop1,
-            self.layout.slot_words,
-            self._hop2,
-            self.layout.hop2_words,
-            self.limit,
+            *self._mailbox_args(h),
             DTYPE=code,
             EPW=epw,
             WORLD=self.world_size,
@@ -498,7 +492,7 @@ class DeviceMailbox:
             GEMMA=bool(gemma),
             SOLO=rows * split == 1,
             BACKEND=self.backend,
-            num_warps=int(os.environ.get("CCL_DEVICE_NORM_WARPS", "0")) or warps,
+            num_warps=self.norm_warps or warps,
         )
         return out, residual_out
 
@@ -555,15 +549,7 @@ class DeviceMailbox:
             qc,
             kc,
             float(eps),
-            self._table,
-            self._ctrl,
-            self.rank,
-            *h,
-            self._hop1,
-            self.layout.slot_words,
-            self._hop2,
-            self.layout.hop2_words,
-            self.limit,
+            *self._mailbox_args(h),
             DTYPE=code,
             WORLD=self.world_size,
             BQ=bq,
@@ -614,15 +600,7 @@ class DeviceMailbox:
             numel,
             n_words,
             shard,
-            self._table,
-            self._ctrl,
-            self.rank,
-            *h,
-            self._hop1,
-            self.layout.slot_words,
-            self._hop2,
-            self.layout.hop2_words,
-            self.limit,
+            *self._mailbox_args(h),
             DTYPE=code,
             EPW=1 if code == 0 else 2,
             WORLD=self.world_size,
@@ -641,6 +619,21 @@ class DeviceMailbox:
                 init()
         else:
             kernel[grid](*args, **kwargs)
+
+    def _mailbox_args(self, h) -> tuple:
+        """The arguments every mailbox kernel takes after its own, in the kernels' order
+        (``table, ctrl, rank, h0..h3`` then ``triton_mailbox._COMMON``'s offsets and limit)."""
+        return (
+            self._table,
+            self._ctrl,
+            self.rank,
+            *h,
+            self._hop1,
+            self.layout.slot_words,
+            self._hop2,
+            self.layout.hop2_words,
+            self.limit,
+        )
 
     def _header(self, op, code, flags, numel, cols, eps):
         return (

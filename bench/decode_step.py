@@ -35,13 +35,15 @@ CUDA, 2 GPUs (NCCL baseline, each path captured in a CUDA graph and replayed)::
 
     python bench/decode_step.py --device cuda --full  # hidden 3072, 62 layers, 256 experts
 
-The CUDA path (2x H200) has not been run yet. There the weights are drawn on the device and
-the experts are INT4 (GPTQ layout; bf16 experts of the full shape would need 223 GB per
-rank), run by a torch stand-in (``_TorchInt4Experts``: gather the top-k experts, dequantise,
-bf16 matmul; no host sync, so it is captured) in every path; the MoE partial goes through
-comm.all_reduce_add_rms_norm. Each path (ccl, baseline, compute_only) is one CUDA graph per
-step, replayed and timed with CUDA events; the ccl graph's result is checked against the
-eager step, and the ccl outputs bitwise across ranks. Every wait is bounded (``--timeout``,
+On CUDA the weights are drawn on the device and the experts are INT4 (GPTQ layout; bf16
+experts of the full shape would need 223 GB per rank), run in every path by ccl's Triton MoE
+stand-in (``ccl.fused_moe`` device path: a gate/up kernel, then the routed down projection;
+vLLM's fused MoE is not installable on the device machine). The ccl path fuses the down
+projection with the all-reduce + add + norm (``moe_all_reduce_add_rms_norm``: one kernel);
+``ccl_moe_unfused`` writes the expert partial to memory and runs
+``comm.all_reduce_add_rms_norm`` on it, which measures what that fusion saves. Each path is
+one CUDA graph per step, replayed and timed with CUDA events; the ccl graph's result is
+checked against the eager step, and the ccl outputs bitwise across ranks. Every wait is bounded (``--timeout``,
 a watchdog per rank).
 """
 
@@ -149,8 +151,6 @@ class Stack:
                                      w2.transpose(1, 2).contiguous().to(bf)))
             kv = rnd(2, s.kv_len, self.hkv, s.head_dim, gen=gr).to(bf)
             self.kv.append(kv)
-        if self.device.type != "cpu":
-            self._to_device(gpu_experts)
 
     def _init_device(self, seed, gpu_experts):
         """GPU shard, generated on the device (the full shape's experts would take minutes to
@@ -158,6 +158,9 @@ class Stack:
         random nibbles and scales: 0.9 GB per layer and rank at the full shape, where bf16
         experts would need 3.6 GB) run by a torch stand-in (_TorchInt4Experts)."""
         import torch
+
+        from ccl.fused_linear import Int4Weights
+        from ccl.fused_moe import ExpertWeights
 
         s, d, bf = self.shape, self.device, torch.bfloat16
         g = torch.Generator(device=d).manual_seed(seed * 1000 + 17)  # replicated tensors
@@ -189,36 +192,16 @@ class Stack:
                                generator=gr, device=d, dtype=torch.int64).to(torch.int32)
             s2 = (rnd(s.experts, self.inter // gs, s.hidden, gen=gr).abs() * 0.2 + 0.9) \
                 * (s.moe_inter ** -0.5 / 4.6)
-            self.experts.append(_TorchInt4Experts(q13, s13.to(bf), q2, s2.to(bf), gs))
+            self.experts.append(ExpertWeights(Int4Weights(q13, s13.to(bf), gs),
+                                              Int4Weights(q2, s2.to(bf), gs)))
             self.kv.append(rnd(2, s.kv_len, self.hkv, s.head_dim, gen=gr).to(bf))
-        self.expert_kind = (f"torch INT4 stand-in (gather top-k experts, dequantise, bf16 "
-                            f"matmul; GPTQ layout, group {gs}, bf16 scales)")
+        self.expert_kind = (f"ccl Triton INT4 MoE stand-in (ccl.fused_moe device path: "
+                            f"gate/up kernel, routed down projection; GPTQ layout, group {gs}, "
+                            f"bf16 scales)")
         if gpu_experts == "vllm":
             raise SystemExit("--gpu-experts vllm: not wired for INT4 experts here")
         if d.type == "cuda":
             torch.cuda.synchronize(d)
-
-    def _to_device(self, gpu_experts):
-        import torch
-
-        from ccl.fused_moe import VllmExperts
-
-        d = self.device
-        for name in ("x0", "qn", "kn", "q_w", "k_w"):
-            setattr(self, name, getattr(self, name).to(d))
-        for name in ("in_norm", "post_norm", "router", "wqkv", "wo", "kv"):
-            setattr(self, name, [t.to(d) for t in getattr(self, name)])
-        ok, reason = VllmExperts.availability(d)
-        use_vllm = ok and gpu_experts in ("auto", "vllm")
-        if gpu_experts == "vllm" and not ok:
-            raise SystemExit(f"--gpu-experts vllm: {reason}")
-        self.expert_kind = "vllm fused_experts" if use_vllm else f"torch stand-in ({reason})"
-        new = []
-        for w13, w2 in self.experts:
-            w13, w2 = w13.to(d), w2.to(d)
-            new.append(VllmExperts(w13, w2) if use_vllm else _TorchExperts(w13, w2))
-        self.experts = new
-        torch.cuda.synchronize(d)
 
     # -------------------------------------------------------------------- shared pieces
     def qkv(self, l, x_norm):
@@ -254,65 +237,6 @@ class Stack:
         return route_topk(x_norm.float() @ self.router[l], self.shape.top_k)
 
 
-class _TorchExperts:
-    """CUDA fallback expert kernel (no vLLM): dense bf16 experts, gathered per routing slot."""
-
-    def __init__(self, w13, w2):
-        self.w13, self.w2 = w13, w2  # [E, 2I, H], [E, H, I]
-
-    def __call__(self, x, ids, tw):
-        import torch
-        import torch.nn.functional as F
-
-        w13 = self.w13[ids]  # [M, k, 2I, H]
-        gu = torch.einsum("mh,mkih->mki", x.float(), w13.float())
-        i = gu.shape[-1] // 2
-        h = F.silu(gu[..., :i]) * gu[..., i:]
-        y = torch.einsum("mki,mkhi->mkh", h, self.w2[ids].float())
-        return (y * tw.unsqueeze(-1)).sum(1).to(x.dtype)
-
-
-class _TorchInt4Experts:
-    """Device stand-in for the framework's INT4 fused MoE: per routing slot, gather the
-    expert's packed weights (ccl.Int4Weights layout: qweight int32 [E, K/8, N], scales
-    [E, K/G, N]), dequantise to bf16 and multiply. Only tensor ops with device indices (no
-    host synchronisation), so it can be captured in a CUDA graph. Both paths run it."""
-
-    def __init__(self, q13, s13, q2, s2, group):
-        self.q13, self.s13, self.q2, self.s2, self.group = q13, s13, q2, s2, group
-        self.shifts = torch_arange_shifts(q13.device)
-
-    def _deq(self, q, sc, ids):
-        import torch
-
-        qi, si = q[ids], sc[ids]  # [S, K/8, N], [S, K/G, N]
-        n_slots, k8, n = qi.shape
-        nib = ((qi.unsqueeze(2) >> self.shifts.view(1, 1, 8, 1)) & 0xF).reshape(n_slots, k8 * 8, n)
-        g = self.group
-        w = (nib - 8).to(torch.bfloat16).view(n_slots, k8 * 8 // g, g, n) * si.unsqueeze(2)
-        return w.view(n_slots, k8 * 8, n)  # [S, K, N] bf16
-
-    def __call__(self, x, ids, tw):
-        import torch
-        import torch.nn.functional as F
-
-        m, k = ids.shape
-        flat = ids.reshape(-1)
-        w13 = self._deq(self.q13, self.s13, flat)  # [M*k, H, 2I]
-        xs = x.unsqueeze(1).expand(m, k, x.shape[1]).reshape(m * k, 1, x.shape[1])
-        gu = torch.bmm(xs, w13).float()  # [M*k, 1, 2I]
-        i = gu.shape[-1] // 2
-        h = (F.silu(gu[..., :i]) * gu[..., i:]).to(torch.bfloat16)
-        y = torch.bmm(h, self._deq(self.q2, self.s2, flat)).float()  # [M*k, 1, H]
-        return (y.view(m, k, -1) * tw.unsqueeze(-1)).sum(1).to(x.dtype)
-
-
-def torch_arange_shifts(device):
-    import torch
-
-    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
-
-
 def _rms(r, w):
     import torch
 
@@ -320,11 +244,11 @@ def _rms(r, w):
 
 
 # =============================================================================== the paths
-def step_ccl(st: Stack, comm, bufs):
+def step_ccl(st: Stack, comm, bufs, fuse_moe=True):
     import torch
 
     from ccl.fused_linear import linear_all_reduce_add_rms_norm
-    from ccl.fused_moe import moe_all_reduce_add_rms_norm
+    from ccl.fused_moe import moe_all_reduce_add_rms_norm, moe_partial
 
     residual = bufs["residual"]
     residual.copy_(st.x0)
@@ -338,11 +262,11 @@ def step_ccl(st: Stack, comm, bufs):
         linear_all_reduce_add_rms_norm(comm, attn, st.wo[l].t(), residual, st.post_norm[l], EPS,
                                        out=h, residual_out=residual)
         ids, tw = st.route(l, h)
-        if st.device.type == "cpu":
+        if fuse_moe:  # expert down projection + all-reduce + add + norm in one kernel
             moe_all_reduce_add_rms_norm(comm, h, ids, tw, st.experts[l], residual,
                                         st.in_norm[l + 1], EPS, out=x_norm, residual_out=residual)
-        else:  # framework expert kernel -> fused all-reduce + add + norm (one device kernel)
-            partial = st.experts[l](h, ids, tw)
+        else:  # the expert partial through memory, then the fused all-reduce + add + norm
+            partial = moe_partial(h, ids, tw, st.experts[l])
             comm.all_reduce_add_rms_norm(partial, residual, st.in_norm[l + 1], EPS, out=x_norm,
                                          residual_out=residual)
     return x_norm, residual
@@ -383,10 +307,7 @@ def step_baseline(st: Stack, group, bufs, timers=None, same_kernels=False):
         h = _rms(r, st.post_norm[l]).to(bf)
         comm_t += clock() - t0
         ids, tw = st.route(l, h)
-        if st.device.type == "cpu":
-            p = moe_partial(h, ids, tw, st.experts[l]).to(bf)
-        else:
-            p = st.experts[l](h, ids, tw)
+        p = moe_partial(h, ids, tw, st.experts[l]).to(bf)
         t0 = clock()
         dist.all_reduce(p, group=group)
         r = p.float() + residual.float()
@@ -411,10 +332,7 @@ def step_compute_only(st: Stack):
         attn = st.attention(l, q, k, v)
         h = linear_partial(attn, st.wo[l].t()).to(torch.bfloat16)
         ids, tw = st.route(l, h)
-        if st.device.type == "cpu":
-            x_norm = moe_partial(h, ids, tw, st.experts[l]).to(torch.bfloat16)
-        else:
-            x_norm = st.experts[l](h, ids, tw)
+        x_norm = moe_partial(h, ids, tw, st.experts[l]).to(torch.bfloat16)
     return x_norm
 
 
@@ -556,6 +474,7 @@ def worker_cuda(rank, world, port, shape, args, q):
         _log(rank, t0, f"eager baseline done; diff {diff}, ccl cross-rank identical "
                        f"{cross_rank_identical}")
         paths = (("ccl", lambda: step_ccl(st, comm, bufs)),
+                 ("ccl_moe_unfused", lambda: step_ccl(st, comm, bufs, fuse_moe=False)),
                  ("baseline", lambda: step_baseline(st, group, bufs)),
                  ("compute_only", lambda: step_compute_only(st)))
         graphs, outs = {}, {}
@@ -730,6 +649,9 @@ def report(args, shape, results, wall) -> int:
                                         for n in ("ccl", "baseline")}
         out["comm_norm_share"] = {n: max(0.0, 1 - comp / paths[n]["median_ms"])
                                   for n in ("ccl", "baseline")}
+        if "ccl_moe_unfused" in paths:
+            out["moe_fusion_saves_ms_per_step"] = (paths["ccl_moe_unfused"]["median_ms"]
+                                                   - paths["ccl"]["median_ms"])
         out["note"] = ("each step is one CUDA graph replay (CUDA events); NCCL baseline in "
                        "bf16; experts: " + str(r0.get("experts")))
     ccl_ms = paths["ccl"]["median_ms"]
@@ -770,7 +692,8 @@ def report(args, shape, results, wall) -> int:
     print(f"# ccl / baseline = {out['ratio_ccl_over_baseline']:.3f}")
     for k in ("ratio_ccl_over_baseline_same_kernels", "comm_norm_ms_per_step", "comm_norm_share",
               "comm_norm_ms_timed_sections_upper_bound", "diff_ccl_vs_baseline",
-              "cross_rank_identical", "graph_replay_matches_eager"):
+              "cross_rank_identical", "graph_replay_matches_eager",
+              "moe_fusion_saves_ms_per_step"):
         if k in out:
             print(f"# {k}: {out[k]}")
     if args.json:

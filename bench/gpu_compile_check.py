@@ -247,7 +247,7 @@ def _spirv_scan(spv: bytes) -> dict:
 
 # ---------------------------------------------------------------- fused linear (launchers)
 FUSED_SHAPES = dict(K=1536, N=3072, world=2)  # bench/gpu_fused_linear.py: K_total 3072 over 2
-FUSED_BLOCKS = ((64, 32), (32, 64), (16, 128))  # (block_n, block_k) swept by the bench
+FUSED_BLOCKS = ("default", "warps8", "bk_half", "bn_half")  # bench/gpu_fused_linear.py variants
 
 
 class _StubDriver:
@@ -309,11 +309,18 @@ def fused_variants(quick: bool, backends=(0,)):
     for g in (32, 128):
         weights[f"int4_g{g}"] = (lambda g=g: (None, Int4Weights(
             torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // g, n, dtype=bf), g)))
+    import ccl.fused_linear as FL
+    from gpu_fused_linear import variant_tiles
+
+    # The stub compiles for a GPU target from CPU tensors: take the device's operand choice
+    # (16-bit tensor-core dots), not the interpreter's.
+    FL._native_dot = lambda x, wdt, int4: x.dtype != torch.float32 and (
+        int4 or wdt == FL._DTYPE_CODES[x.dtype])
     blocks = FUSED_BLOCKS[:1] if quick else FUSED_BLOCKS
     out = []
-    for (wname, make), m, (bn, bk), be in itertools.product(weights.items(), (1, 8), blocks,
-                                                          backends):
-        def fused(make=make, m=m, bn=bn, bk=bk, be=be):
+    for (wname, make), m, variant, be in itertools.product(weights.items(), (1, 8), blocks,
+                                                         backends):
+        def fused(make=make, m=m, variant=variant, be=be):
             sink = []
             dm = _FakeMailbox(world, 0, 1 << 20, be, sink)
             w, q = make()
@@ -321,22 +328,63 @@ def fused_variants(quick: bool, backends=(0,)):
             res = torch.zeros(m, n, dtype=bf)
             device_linear_add_rms_norm(dm, x, w, q, res, torch.zeros(n, dtype=bf), 1e-6,
                                        out=torch.empty_like(res), residual_out=res,
-                                       block_n=bn, block_k=bk)
+                                       tiles=variant_tiles(variant, m, q is not None))
             return sink
 
-        def gemv(make=make, m=m, bn=bn, bk=bk):
+        def gemv(make=make, m=m, variant=variant):
             sink = []
             w, q = make()
-            device_linear_partial(torch.zeros(m, k, dtype=bf), w, quant=q, block_n=bn, block_k=bk,
+            device_linear_partial(torch.zeros(m, k, dtype=bf), w, quant=q,
+                                  tiles=variant_tiles(variant, m, q is not None),
                                   launch=lambda kern, grid, *a, **kw: sink.append(
                                       (grid, kern.warmup(*a, grid=grid, **kw))))
             return sink
 
-        out.append((f"fused_linear {wname} M{m} bn{bn} bk{bk} be{be}", fused))
+        out.append((f"fused_linear {wname} M{m} {variant} be{be}", fused))
         # not in --quick (CI's): tests/test_triton_interpret.py expects every row it sees to
         # publish and poll, and the GEMV alone does neither
         if be == backends[0] and not quick:
-            out.append((f"gemv {wname} M{m} bn{bn} bk{bk}", gemv))
+            out.append((f"gemv {wname} M{m} {variant}", gemv))
+    out += _moe_variants(quick, backends, world)
+    return out
+
+
+def _moe_variants(quick, backends, world):
+    """The MoE stand-in's kernels (bench/decode_step.py shapes per rank: H 3072, I 768, top-8
+    of 256 INT4 experts; here E = 4): the down projection fused with the all-reduce, and
+    (not in --quick: it publishes nothing) the gate/up kernel."""
+    import torch
+
+    from ccl.fused_linear import Int4Weights, device_linear_add_rms_norm, device_moe_gate_up
+
+    h, inter, e, topk, bf = 3072, 768, 4, 8, torch.bfloat16
+    q13 = Int4Weights(torch.zeros(e, h // 8, 2 * inter, dtype=torch.int32),
+                      torch.zeros(e, h // 128, 2 * inter, dtype=bf), 128)
+    q2 = Int4Weights(torch.zeros(e, inter // 8, h, dtype=torch.int32),
+                     torch.zeros(e, inter // 128, h, dtype=bf), 128)
+    out = []
+    for m in (1, 8):
+        ids = torch.zeros(m, topk, dtype=torch.int64)
+        tw = torch.zeros(m, topk, dtype=torch.float32)
+        for be in backends:
+            def down(m=m, ids=ids, tw=tw, be=be):
+                sink = []
+                dm = _FakeMailbox(world, 0, 1 << 20, be, sink)
+                res = torch.zeros(m, h, dtype=bf)
+                device_linear_add_rms_norm(dm, torch.zeros(m * topk, inter, dtype=bf), None, q2,
+                                           res, torch.zeros(h, dtype=bf), 1e-6,
+                                           out=torch.empty_like(res), residual_out=res,
+                                           topk_ids=ids, topk_weights=tw)
+                return sink
+            out.append((f"moe_down_fused int4_g128 M{m} be{be}", down))
+        if not quick:
+            def gate_up(m=m, ids=ids):
+                sink = []
+                device_moe_gate_up(torch.zeros(m, h, dtype=bf), ids, None, quant=q13,
+                                   launch=lambda kern, grid, *a, **kw: sink.append(
+                                       (grid, kern.warmup(*a, grid=grid, **kw))))
+                return sink
+            out.append((f"moe_gate_up int4_g128 M{m}", gate_up))
     return out
 
 

@@ -16,8 +16,7 @@ Per case:
      equality of both outputs across ranks (all_gather);
   b) timing (CUDA events around replays of a graph of ``--n-inner`` calls, ``--rounds``
      replays; microseconds per call, median): (i) ccl ``linear_all_reduce_add_rms_norm``
-     (default blocks; other (block_n, block_k) configs through ``device_linear_add_rms_norm``
-     as a sweep), (ii) baseline torch F.linear + NCCL all_reduce (bf16) + torch add +
+     (default tiles; variants of them through ``device_linear_add_rms_norm``), (ii) baseline torch F.linear + NCCL all_reduce (bf16) + torch add +
      RMSNorm (INT4: torch has no INT4 GEMV, so F.linear on the pre-dequantised bf16 weight),
      (iii) the GEMV alone (``device_linear_partial``: the fused kernel's GEMV tiles, same
      blocks, fp32 out) and our plain all-reduce alone (``comm.all_reduce`` of an [M, N]
@@ -61,8 +60,28 @@ if REPO not in sys.path:
 EPS = 1e-6
 T0 = time.time()
 # (block_n, block_k) of the fused kernel; the first is the library default (fused_linear.py).
-BLOCKS = ((64, 32), (32, 64), (16, 128))
-DRY_BLOCKS = ((16, 32), (32, 64))
+# Tile variants of the fused kernel around the library's defaults for each (M, weights)
+# (ccl.fused_linear.gemv_tiles); "default" goes through the public API.
+BLOCKS = ("default", "warps8", "bk_half", "bn_half")
+DRY_BLOCKS = ("default", "bn_half")
+
+
+def variant_tiles(variant, m, int4):
+    """GemvTiles of a named variant (None: the library default)."""
+    import dataclasses
+
+    from ccl.fused_linear import gemv_tiles
+
+    t = gemv_tiles(m, int4)
+    if variant == "default":
+        return None
+    if variant == "warps8":
+        return dataclasses.replace(t, num_warps=8)
+    if variant == "bk_half":
+        return dataclasses.replace(t, bk=max(32, t.bk // 2))
+    if variant == "bn_half":
+        return dataclasses.replace(t, bn=max(16 if t.use_dot else 8, t.bn // 2))
+    raise ValueError(variant)
 # bf16 outputs vs the fp32 reference: |got - ref| <= ATOL + RTOL * |ref|. A bf16 ulp is 2^-7
 # relative at worst; the kernel's fp32 partials are summed in another order than the
 # reference's matmul, so a result may round to the neighbouring bf16 value: 2 ulps of slack.
@@ -87,18 +106,19 @@ class GpuOps:
     def fused(self, x, w, q, res, nw, out, res_out, blocks):
         from ccl.fused_linear import device_linear_add_rms_norm, linear_all_reduce_add_rms_norm
 
-        if blocks == BLOCKS[0]:  # the public API (its default blocks)
+        if blocks == "default":  # the public API (its default tiles)
             linear_all_reduce_add_rms_norm(self.comm, x, w, res, nw, EPS, quant=q, out=out,
                                            residual_out=res_out)
         else:
             device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out,
-                                       residual_out=res_out, block_n=blocks[0],
-                                       block_k=blocks[1])
+                                       residual_out=res_out,
+                                       tiles=variant_tiles(blocks, x.shape[0], q is not None))
 
     def gemv(self, x, w, q, out, blocks, launch=None):
         from ccl.fused_linear import device_linear_partial
 
-        device_linear_partial(x, w, quant=q, out=out, block_n=blocks[0], block_k=blocks[1],
+        device_linear_partial(x, w, quant=q, out=out,
+                              tiles=variant_tiles(blocks, x.shape[0], q is not None),
                               launch=launch)
 
     def all_reduce(self, t, out):
@@ -123,7 +143,7 @@ class MailboxOps(GpuOps):
         from ccl.fused_linear import device_linear_add_rms_norm
 
         device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out, residual_out=res_out,
-                                   block_n=blocks[0], block_k=blocks[1])
+                                   tiles=variant_tiles(blocks, x.shape[0], q is not None))
 
     def all_reduce(self, t, out):
         self.dm.all_reduce(t, out)
@@ -507,7 +527,7 @@ def _rank(rank, world, port, args):
                 c.refill()
                 ops.fused(c.x, c.weight, c.quant, c.res, c.nw, c.out, c.res_out, blocks)
                 ops.check()
-                eager.append(dict(blocks=list(blocks), **compare(c, world, f"{name} eager {blocks}")))
+                eager.append(dict(blocks=blocks, **compare(c, world, f"{name} eager {blocks}")))
         # outputs aliasing the residual (the decode-step usage): same values
         c.refill()
         ops.fused(c.x, c.weight, c.quant, c.res, c.nw, c.out, c.res_out, blocks_all[0])
@@ -519,7 +539,7 @@ def _rank(rank, world, port, args):
         alias_ok = bool(torch.equal(c.out.view(torch.int16), want_o.view(torch.int16))
                         and torch.equal(c.res.view(torch.int16), want_r.view(torch.int16)))
         c.res.copy_(res_keep)
-        eager.append(dict(blocks=list(blocks_all[0]), aliased_residual_out=True, ok=alias_ok))
+        eager.append(dict(blocks=blocks_all[0], aliased_residual_out=True, ok=alias_ok))
         r["eager"] = eager
         ok = all(e["ok"] for e in eager)
         if not dry:
@@ -539,11 +559,11 @@ def _rank(rank, world, port, args):
         tm = r["timing_us"] = {}
         c.refill()
         for blocks in blocks_all:
-            tm[f"ccl_fused_bn{blocks[0]}_bk{blocks[1]}"] = timer(
+            tm[f"ccl_fused_{blocks}"] = timer(
                 lambda blocks=blocks: ops.fused(c.x, c.weight, c.quant, c.res, c.nw, c.out,
                                                 c.res_out, blocks), n_inner, rounds)
             ops.check()
-            tm[f"ccl_gemv_bn{blocks[0]}_bk{blocks[1]}"] = timer(
+            tm[f"ccl_gemv_{blocks}"] = timer(
                 lambda blocks=blocks: ops.gemv(c.x, c.weight, c.quant, c.partial, blocks),
                 n_inner, rounds)
         tm["ccl_all_reduce_fp32"] = timer(lambda: ops.all_reduce(c.ar32, c.ar32_out), n_inner, rounds)
@@ -551,7 +571,11 @@ def _rank(rank, world, port, args):
         ops.check()
         tm["baseline_torch_nccl"] = timer(c.baseline, n_inner, rounds)
         tm["nccl_all_reduce_bf16"] = timer(lambda: dist.all_reduce(c.base_y), n_inner, rounds)
-        key0 = f"bn{blocks_all[0][0]}_bk{blocks_all[0][1]}"
+        key0 = blocks_all[0]
+        if not dry:  # torch's GEMV alone (cuBLAS), for the quality of ours
+            import torch.nn.functional as F
+
+            tm["torch_gemv"] = timer(lambda: F.linear(c.x, c.w_lin), n_inner, rounds)
         fused = tm[f"ccl_fused_{key0}"]["p50"]
         best = min((v["p50"], kk) for kk, v in tm.items() if kk.startswith("ccl_fused_"))
         gemv = tm[f"ccl_gemv_{key0}"]["p50"]
@@ -559,7 +583,7 @@ def _rank(rank, world, port, args):
         base = tm["baseline_torch_nccl"]["p50"]
         r["summary_us"] = dict(
             fused_default=fused, fused_best=best[0], fused_best_config=best[1],
-            gemv_default=gemv, all_reduce_fp32=ar, gemv_plus_all_reduce=round(gemv + ar, 3),
+            gemv_default=gemv, torch_gemv=tm.get("torch_gemv", {}).get("p50"), all_reduce_fp32=ar, gemv_plus_all_reduce=round(gemv + ar, 3),
             baseline=base, nccl_all_reduce_bf16=tm["nccl_all_reduce_bf16"]["p50"],
             ratio_fused_over_baseline=round(fused / base, 3),
             ratio_fused_over_gemv_plus_ar=round(fused / (gemv + ar), 3),

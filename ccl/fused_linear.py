@@ -458,87 +458,155 @@ def _next_pow2(x: int) -> int:
 
 
 def _device_weight(weight, quant):
-    """(w_ptr, swk, swn, s_ptr, lds, group, WDT, N) kernel arguments of a dense [K, N] weight
-    (any strides) or an Int4Weights."""
+    """(w_ptr, swe, swk, swn, s_ptr, sse, lds, group, WDT, N) kernel arguments of a dense
+    ``[(E,) K, N]`` weight (any strides) or an :class:`Int4Weights` (``swe`` / ``sse``: the
+    expert strides of a stacked ``[E, ...]`` weight, else 0)."""
     if quant is not None:
-        return (quant.qweight, quant.qweight.stride(0), quant.qweight.stride(1), quant.scales,
-                quant.scales.stride(0), quant.group_size, _DTYPE_CODES[quant.scales.dtype],
-                quant.N)
-    return (weight, weight.stride(0), weight.stride(1), weight, 0, 1,
-            _DTYPE_CODES[weight.dtype], weight.shape[1])
+        q, sc = quant.qweight, quant.scales
+        lead = q.dim() == 3
+        return (q, q.stride(0) if lead else 0, q.stride(-2), q.stride(-1), sc,
+                sc.stride(0) if lead else 0, sc.stride(-2), quant.group_size,
+                _DTYPE_CODES[sc.dtype], quant.N)
+    lead = weight.dim() == 3
+    return (weight, weight.stride(0) if lead else 0, weight.stride(-2), weight.stride(-1),
+            weight, 0, 0, 1, _DTYPE_CODES[weight.dtype], weight.shape[-1])
 
 
-def _gemv_blocks(m: int) -> tuple[int, bool]:
-    """(BM, USE_DOT) of the GEMV tiles for M rows: broadcast-and-sum up to 8 rows, tl.dot
-    (which needs >= 16 rows) above."""
-    use_dot = m > 8
-    return (min(64, max(16, _next_pow2(m))) if use_dot else _next_pow2(m)), use_dot
+@dataclasses.dataclass(frozen=True)
+class GemvTiles:
+    """Tile shape of the device GEMV (``ccl.kernels.triton_fused_linear``).
+
+    ``use_dot``: several activation rows per tile through ``tl.dot`` (``bm`` rows, padded to
+    at least 16); otherwise one row at a time with elementwise fp32 products (the decode
+    case, and every MoE slot). ``bn`` columns x ``bk`` K values per step; ``num_warps`` of
+    the launch (the fused kernel's epilogue shares it)."""
+
+    bn: int
+    bk: int
+    use_dot: bool = False
+    bm: int = 1
+    num_warps: int = 4
+
+
+# Defaults by (path, INT4). Chosen by bench/gpu_gemv_sweep.py on H200 (K 1536, N 3072;
+# bench/results/h200-gemv-sweep.json); the interpreter and other devices use the same.
+_TILES = {
+    ("row", False): GemvTiles(bn=16, bk=256),
+    ("row", True): GemvTiles(bn=32, bk=256),
+    ("dot", False): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
+    ("dot", True): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
+}
+_ROW_MAX_M = 1  # up to this many rows, one row at a time; above, tl.dot
+
+
+def gemv_tiles(m: int, int4: bool, moe: bool = False) -> GemvTiles:
+    """The default tiles for an M-row GEMV (MoE: always one row, i.e. one slot, at a time)."""
+    if moe or m <= _ROW_MAX_M:
+        return _TILES[("row", int4)]
+    t = _TILES[("dot", int4)]
+    return dataclasses.replace(t, bm=min(64, max(t.bm, _next_pow2(m))))
+
+
+def _native_dot(x, wdt: int, int4: bool) -> bool:
+    """16-bit operands straight to ``tl.dot`` (tensor cores): on a device, for bf16 / fp16
+    activations with weights of the same dtype or INT4. The interpreter keeps fp32."""
+    return x.device.type != "cpu" and x.dtype != torch.float32 and (
+        int4 or wdt == _DTYPE_CODES[x.dtype])
+
+
+def _routing_args(topk_ids, topk_weights, x):
+    """(ids_ptr, tw_ptr, TOPK) kernel arguments; a dummy pointer and 0 without routing."""
+    if topk_ids is None:
+        return x, x, 0
+    return topk_ids, topk_weights, topk_ids.shape[1]
 
 
 def _launch_now(kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
 
 
-def device_linear_partial(x, weight=None, *, quant=None, out=None, block_n=64, block_k=32,
-                          launch=None):
-    """This rank's fp32 partial ``x [M, K] @ W [K, N]`` on a device (or the Triton
-    interpreter) through the GEMV tiles of the fused kernel (``linear_kernel``): the fused
-    op's compute alone, for benchmarks. ``x`` ``[M, K]`` with unit stride in K. ``launch``
+def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
+                          topk_ids=None, topk_weights=None, launch=None):
+    """This rank's fp32 partial on a device (or the Triton interpreter): ``x [M, K] @ W
+    [K, N]``, or with ``topk_ids`` / ``topk_weights`` ``[M, k]`` the MoE down projection
+    ``sum_s tw[m, s] * x[m*k + s] @ W[ids[m, s]]`` (x ``[M*k, K]``, W stacked ``[E, K, N]``).
+    The GEMV tiles of the fused kernel alone (``linear_kernel``): the unfused path's GEMV
+    and the fused op's compute share in benchmarks. ``x`` has unit stride in K. ``launch``
     (kernel, grid, *args, **kwargs) replaces the launch (``DeviceMailbox._launch`` compiles
     only)."""
     from ccl.kernels import triton_fused_linear as F
 
-    m, k = x.shape
-    w_ptr, swk, swn, s_ptr, lds, group, wdt, n = _device_weight(weight, quant)
+    k = x.shape[1]
+    w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n = _device_weight(weight, quant)
+    ids, tw, topk = _routing_args(topk_ids, topk_weights, x)
+    m = x.shape[0] // max(1, topk)
     if out is None:
         out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     elif out.dtype != torch.float32 or tuple(out.shape) != (m, n) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous fp32 [{m}, {n}] tensor")
-    bm, use_dot = _gemv_blocks(m)
+    t = tiles or gemv_tiles(m, quant is not None, moe=topk > 0)
     (launch or _launch_now)(
-        F.linear_kernel, ((n + block_n - 1) // block_n,),
-        x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n,
-        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=bm, BN=block_n,
-        BK=block_k, USE_DOT=use_dot, num_warps=4,
+        F.linear_kernel, ((n + t.bn - 1) // t.bn,),
+        x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
+        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
+        BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
+        num_warps=t.num_warps,
     )
     return out
 
 
-def _fused_blocks(m: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the fused kernel's GEMV tiles for M rows: the fastest of the
-    sweep in bench/results/h200x2-fused-linear.json (K 1536, N 3072, bf16 and INT4): narrow
-    tiles give more programs for a decode-sized GEMV (M=1: 32x64, 19.0 vs 28.8 us for 64x32;
-    M=8: 16x128, 54.9 vs 146.8 us)."""
-    return (32, 64) if m <= 4 else (16, 128)
+def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, launch=None):
+    """SiLU-gated MoE first half on a device: ``h [M*k, I]`` (x's dtype) with ``h[m*k + s] =
+    silu(x[m] @ W13[e][:, :I]) * (x[m] @ W13[e][:, I:])``, ``e = topk_ids[m, s]``; W13 dense
+    ``[E, H, 2I]`` or :class:`Int4Weights` ``[E, H/8, 2I]``. The Triton stand-in for a
+    framework's fused-MoE gate/up GEMM; the down projection is :func:`device_linear_partial`
+    or the fused all-reduce kernel with routing."""
+    from ccl.kernels import triton_fused_linear as F
+
+    m, k = x.shape
+    topk = topk_ids.shape[1]
+    w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n2 = _device_weight(w13, quant)
+    inter = n2 // 2
+    if out is None:
+        out = torch.empty((m * topk, inter), dtype=x.dtype, device=x.device)
+    t = tiles or gemv_tiles(1, quant is not None, moe=True)
+    (launch or _launch_now)(
+        F.moe_gate_up_kernel, ((inter + t.bn - 1) // t.bn, m * topk),
+        x, x.stride(0), topk_ids, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, out, k, inter,
+        TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BN=t.bn,
+        BK=t.bk, num_warps=t.num_warps,
+    )
+    return out
 
 
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
-                               gemma=False, out, residual_out, block_n=None, block_k=None):
+                               gemma=False, out, residual_out, tiles=None, topk_ids=None,
+                               topk_weights=None, epi_block=1024):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
-    interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K; outputs / residual
-    contiguous ``[.., N]``. Collective, asynchronous (``dm.raise_if_failed()``)."""
+    interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K (MoE: ``[M*k, K]``
+    with ``topk_ids`` / ``topk_weights`` ``[M, k]`` and stacked weights); outputs / residual
+    contiguous ``[M, N]``. Collective, asynchronous (``dm.raise_if_failed()``)."""
     from ccl.kernels import triton_fused_linear as F
 
     state = _DEVICE_STATES.get(dm)
     if state is None:
         state = _DEVICE_STATES[dm] = _DeviceState(dm)
     code = _DTYPE_CODES[x.dtype]
-    m, k = x.shape
-    w_ptr, swk, swn, s_ptr, lds, group, wdt, n = _device_weight(weight, quant)
+    k = x.shape[1]
+    w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n = _device_weight(weight, quant)
+    ids, tw, topk = _routing_args(topk_ids, topk_weights, x)
+    m = x.shape[0] // max(1, topk)
     if m * n > dm.layout.cap_words:
         raise ValueError(f"the fp32 partial of {m}x{n} exceeds the mailbox capacity "
                          f"{dm.capacity_bytes} bytes ({dm.layout.cap_words} packets)")
     if n > _MAX_ROW:
         raise ValueError(f"rows of {n} elements exceed the fused epilogue's {_MAX_ROW}")
     flags = ((F.FLAG_RESIDUAL if residual is not None else 0) | (F.FLAG_GEMMA if gemma else 0)
-             | (F.FLAG_INT4 if quant is not None else 0))
+             | (F.FLAG_INT4 if quant is not None else 0) | (F.FLAG_MOE if topk else 0))
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
-    bm, use_dot = _gemv_blocks(m)
-    default_n, default_k = _fused_blocks(m)
-    bn = block_n or default_n
-    block_k = block_k or default_k
-    n_tiles = (n + bn - 1) // bn
+    t = tiles or gemv_tiles(m, quant is not None, moe=topk > 0)
+    n_tiles = (n + t.bn - 1) // t.bn
     block_row = max(16, _next_pow2(n))
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
     # nothing, so benches can compile every variant before any rank waits on a peer.
@@ -550,9 +618,12 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         m, k, n, n_tiles, float(eps), state.ws, dm.layout.cap_words,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
-        XDT=code, WDT=wdt, INT4=quant is not None, BM=bm, BN=bn, BK=block_k, USE_DOT=use_dot,
-        BLOCK_ROW=block_row, WORLD=dm.world_size, HAS_RES=residual is not None,
+        ids, tw, swe, sse,
+        XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
+        USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
+        BLOCK_ROW=block_row, EPI_BLOCK=min(block_row, _next_pow2(epi_block)),
+        WORLD=dm.world_size, HAS_RES=residual is not None,
         HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,
-        num_warps=4 if block_row <= 2048 else 8,
+        num_warps=t.num_warps,
     )
     return out, residual_out

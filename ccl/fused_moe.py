@@ -133,9 +133,9 @@ def moe_partial(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     m, h = x2.shape
     if h != experts.hidden:
         raise ValueError(f"x has {h} features but the experts take H={experts.hidden}")
-    if not x.is_cpu:
-        raise ValueError("moe_partial runs on the CPU; on devices use VllmExperts")
     _check_routing(topk_ids, topk_weights, m, experts.num_experts)
+    if not x.is_cpu:
+        return _device_partial(x2, topk_ids, topk_weights, experts, out)
     if out is None:
         out = torch.empty((m, h), dtype=torch.float32)
     w13, w2 = experts._descs
@@ -183,10 +183,12 @@ def moe_all_reduce_add_rms_norm(
     m, h = x2.shape
     if h != experts.hidden:
         raise ValueError(f"x has {h} features but the experts take H={experts.hidden}")
-    if not x.is_cpu:
-        raise ValueError("ExpertWeights run on the CPU; on devices pass VllmExperts")
     _check_routing(topk_ids, topk_weights, m, experts.num_experts)
     out, residual_out = _outputs(x2, h, tuple(x.shape), residual, norm_weight, out, residual_out)
+    if not x.is_cpu:
+        _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual,
+                                 norm_weight, float(eps), gemma, out, residual_out)
+        return out, residual_out
     mailbox = comm._live()
     if mailbox is None:
         raise ValueError(f"x is on the CPU but this communicator runs on {comm.device}")
@@ -214,6 +216,53 @@ def moe_all_reduce_add_rms_norm(
     native.add_rms_norm_f32(code, partial.data_ptr(), rp, norm_weight.data_ptr(),
                             out.data_ptr(), residual_out.data_ptr(), m, h, float(eps), gemma)
     return out, residual_out
+
+
+# ============================================================================== device path
+def _split(w):
+    """(dense weight, Int4Weights) of one ExpertWeights member, the other None."""
+    return (None, w) if isinstance(w, Int4Weights) else (w, None)
+
+
+def _device_gate_up(x2, topk_ids, experts):
+    from ccl.fused_linear import device_moe_gate_up
+
+    w13, q13 = _split(experts.w13)
+    return device_moe_gate_up(x2, topk_ids, w13, quant=q13)
+
+
+def _device_partial(x2, topk_ids, topk_weights, experts, out):
+    """Device MoE partial through the Triton stand-in kernels: gate/up (``h`` in x's dtype,
+    as vLLM's fused MoE keeps its intermediate), then the routed down projection (fp32)."""
+    from ccl.fused_linear import device_linear_partial
+
+    h = _device_gate_up(x2, topk_ids, experts)
+    w2, q2 = _split(experts.w2)
+    return device_linear_partial(h, w2, quant=q2, out=out, topk_ids=topk_ids,
+                                 topk_weights=topk_weights)
+
+
+def _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual, norm_weight,
+                             eps, gemma, out, residual_out):
+    """gate/up kernel, then ONE kernel for the routed down projection + all-reduce + add +
+    RMSNorm: the partial goes from the expert GEMV's registers into the mailbox, never
+    through global memory as a tensor."""
+    from ccl.fused_linear import _MAX_ROW, device_linear_add_rms_norm
+
+    m, h = x2.shape
+    comm._live()
+    dm = comm._device_mailbox
+    if dm is None or m * h > dm.layout.cap_words or h > _MAX_ROW:
+        partial = _device_partial(x2, topk_ids, topk_weights, experts, None)
+        comm.all_reduce_add_rms_norm(partial, residual, norm_weight, eps,
+                                     norm_style=NormStyle.GEMMA if gemma else NormStyle.STANDARD,
+                                     out=out, residual_out=residual_out)
+        return
+    hid = _device_gate_up(x2, topk_ids, experts)
+    w2, q2 = _split(experts.w2)
+    device_linear_add_rms_norm(dm, hid, w2, q2, residual, norm_weight, eps, gemma=gemma,
+                               out=out, residual_out=residual_out, topk_ids=topk_ids,
+                               topk_weights=topk_weights)
 
 
 # ============================================================================== GPU experts

@@ -319,16 +319,21 @@ def _interp_worker(rank, world, store_path, seed, q):
         from ccl.fused_linear import device_linear_add_rms_norm
 
         ex, region, mb = TI._setup(rank, world, store_path, "fused-linear", cap=CAP)
-        # (dtype, weight, M, K, N, BLOCK_N): 16 = narrow tiles everywhere; None = the
-        # library's per-M defaults (32x64 for M <= 4, 16x128 above: several K tiles, and
-        # INT4 groups smaller than a K tile)
-        cases = [("bfloat16", "dense_kn", 1, 64, 48, 16), ("float32", "int4_g32", 3, 64, 40, 16),
-                 ("bfloat16", "int4_g32", 17, 64, 24, 16), ("float16", "dense_nk", 2, 40, 33, 16),
+        # (dtype, weight, M, K, N, tiles): explicit narrow tiles (several column tiles, K tiles
+        # and INT4 groups per K tile), or None = the library's defaults for M (one row at a
+        # time for M = 1, tl.dot above)
+        from ccl.fused_linear import GemvTiles
+
+        row16 = GemvTiles(bn=16, bk=32)
+        dot16 = GemvTiles(bn=16, bk=32, use_dot=True, bm=16)
+        cases = [("bfloat16", "dense_kn", 1, 64, 48, row16), ("float32", "int4_g32", 3, 64, 40, dot16),
+                 ("bfloat16", "int4_g32", 17, 64, 24, dot16), ("float16", "dense_nk", 2, 40, 33, row16),
                  ("bfloat16", "int4_g32", 1, 192, 72, None),
                  ("bfloat16", "int4_g32", 8, 320, 40, None),
-                 ("float16", "dense_nk", 6, 300, 36, None)]
+                 ("float16", "dense_nk", 6, 300, 36, None),
+                 ("bfloat16", "dense_nk", 1, 96, 1100, None)]  # row of 2 epilogue chunks
         digests = []
-        for i, (dtype_name, kind, m, k, n, block_n) in enumerate(cases):
+        for i, (dtype_name, kind, m, k, n, tiles) in enumerate(cases):
             dtype = getattr(torch, dtype_name)
             xs = [gen(seed, ("ix", i, r), (m, k), dtype) for r in range(world)]
             parts, mine = [], None
@@ -341,11 +346,12 @@ def _interp_worker(rank, world, store_path, seed, q):
             ref_o, ref_r = _reference(parts, residual, nw)
             out, res_out = poison_like(residual), poison_like(residual)
             device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1], residual, nw, EPS,
-                                       out=out, residual_out=res_out, block_n=block_n)
+                                       out=out, residual_out=res_out, tiles=tiles)
             mb.raise_if_failed()
             _check(f"interp case {i} residual_out", res_out, ref_r, dtype)
             _check(f"interp case {i} out", out, ref_o, dtype)
             digests.append(digest(out, res_out))
+        digests.append(_interp_moe(mb, rank, world, seed))
         # ranks disagree on N: both kernels record a mismatch and write nothing
         from ccl.errors import CollectiveMismatch
 
@@ -369,6 +375,60 @@ def _interp_worker(rank, world, store_path, seed, q):
         q.put((rank, "ok", None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         q.put((rank, "error", traceback.format_exc()))
+
+
+def _interp_moe(mb, rank, world, seed):
+    """MoE through the device kernels: gate/up (moe_gate_up_kernel) then the down projection
+    fused with the all-reduce + add + norm (routing in the fused kernel), INT4 and dense
+    experts, against a dequantise-then-matmul fp32 reference; also the unfused down
+    projection (linear_kernel with routing) against the same partial."""
+    from ccl.fused_linear import Int4Weights, device_linear_add_rms_norm, device_linear_partial
+    from ccl.fused_linear import device_moe_gate_up
+
+    out_digests = []
+    for j, (int4, m, topk, e, hdim, inter) in enumerate([(True, 2, 3, 5, 64, 32),
+                                                        (False, 1, 2, 4, 48, 16)]):
+        dtype = torch.bfloat16
+        x = gen(seed, ("mx", j), (m, hdim), dtype)  # replicated (normed hidden state)
+        logits = gen(seed, ("mr", j), (m, e), torch.float32)
+        tw, ids = torch.topk(torch.softmax(logits, -1), topk, -1)
+        tw = tw.contiguous()
+        parts = []
+        for r in range(world):
+            w13 = gen(seed, ("m13", j, r), (e, hdim, 2 * inter), torch.float32) * hdim ** -0.5
+            w2 = gen(seed, ("m2", j, r), (e, inter, hdim), torch.float32) * inter ** -0.5
+            if int4:
+                q13, q2 = Int4Weights.quantize(w13, 32, dtype), Int4Weights.quantize(w2, 32, dtype)
+                f13, f2 = q13.dequantize(), q2.dequantize()
+                args13, args2 = (None, q13), (None, q2)
+            else:
+                f13, f2 = w13.to(dtype).float(), w2.to(dtype).float()
+                args13, args2 = (f13.to(dtype), None), (f2.to(dtype), None)
+            # reference: h rounded to bf16 as the kernel stores it
+            g = torch.einsum("mh,mkhi->mki", x.float(), f13[ids])
+            h = (torch.nn.functional.silu(g[..., :inter]) * g[..., inter:]).to(dtype)
+            y = torch.einsum("mki,mkih->mkh", h.float(), f2[ids])
+            parts.append((y * tw.unsqueeze(-1)).sum(1))
+            if r == rank:
+                mine = (args13, args2, h)
+        (w13_d, q13_m), (w2_d, q2_m), h_ref = mine
+        h = device_moe_gate_up(x, ids, w13_d, quant=q13_m)
+        torch.testing.assert_close(h.float(), h_ref.reshape(h.shape).float(), rtol=2e-2, atol=2e-2)
+        partial = device_linear_partial(h, w2_d, quant=q2_m, topk_ids=ids, topk_weights=tw)
+        torch.testing.assert_close(partial, parts[rank], rtol=2e-2, atol=2e-2)
+        residual = gen(seed, ("mres", j), (m, hdim), dtype)
+        nw = gen(seed, ("mnw", j), (hdim,), dtype)
+        # the fused kernel adds the partials computed from this rank's h: use the same h on
+        # every rank's reference (h differs from the bf16 reference by at most one rounding)
+        ref_o, ref_r = _reference(parts, residual, nw)
+        out, res_out = poison_like(residual), poison_like(residual)
+        device_linear_add_rms_norm(mb, h, w2_d, q2_m, residual, nw, EPS, out=out,
+                                   residual_out=res_out, topk_ids=ids, topk_weights=tw)
+        mb.raise_if_failed()
+        _check(f"moe case {j} residual_out", res_out, ref_r, dtype)
+        _check(f"moe case {j} out", out, ref_o, dtype)
+        out_digests.append(digest(out, res_out))
+    return out_digests
 
 
 def test_triton_fused_linear_interpret(tmp_path, seed):

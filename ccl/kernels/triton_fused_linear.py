@@ -41,6 +41,7 @@ import triton.language as tl
 from ccl.kernels import ll
 from ccl.kernels.triton_mailbox import (
     CTRL_DONE,
+    CTRL_FAIL_SEQ,
     CTRL_HEADERS,
     CTRL_MISMATCH,
     CTRL_MISSING,
@@ -63,16 +64,89 @@ AUX_TICKET = tl.constexpr(0)  # next ticket of the running launch
 AUX_WORDS = 8
 
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
-FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4 = 0x01, 0x02, 0x10
+FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4, FLAG_MOE = 0x01, 0x02, 0x10, 0x20
 
 
 @triton.jit
-def _gemv_tile(
-    x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-    XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-):
-    """fp32 ``x[m0:m0+BM, :] @ W[:, n0:n0+BN]`` (rows/columns past M/N are 0)."""
+def _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0, cols, cm,
+             INT4: tl.constexpr, BK: tl.constexpr):
+    """Raw loads of one K tile of the row GEMV (no conversion, so a prefetched tile costs no
+    wait until it is used): x ``[BK]`` (INT4: ``[BK/8, 8]``), W ``[BK, BN]`` (INT4: packed
+    words ``[BK/8, BN]`` and scales ``[BK/8, BN]``, one group per 8 K values)."""
+    if INT4:
+        i8 = tl.arange(0, BK // 8)
+        k8 = k0 + i8 * 8
+        km = k8 < K
+        m2 = km[:, None] & cm[None, :]
+        xr = tl.load(x_row + k8[:, None] + tl.arange(0, 8)[None, :], mask=km[:, None], other=0.0)
+        wr = tl.load(w_ptr + (k8 // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                     mask=m2, other=0)
+        sr = tl.load(s_ptr + (k8 // group).to(tl.int64)[:, None] * lds + cols[None, :],
+                     mask=m2, other=0.0)
+    else:
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        xr = tl.load(x_row + ks, mask=km, other=0.0)
+        wr = tl.load(w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                     mask=km[:, None] & cm[None, :], other=0.0)
+        sr = wr
+    return xr, wr, sr
+
+
+@triton.jit
+def _row_fma(acc, xr, wr, sr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+             BK: tl.constexpr):
+    """``acc += x * W`` elementwise for one raw tile (fp32; INT4 values ``(nibble - 8) *
+    scale``, exact in fp32). INT4: acc ``[BK/8, BN]``, one nibble position at a time."""
+    if INT4:
+        x8 = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)  # [BK/8, 8]
+        sc = ll.bits_to_f32(ll.elem_bits(sr, WDT), WDT)  # [BK/8, BN]
+        j8 = tl.arange(0, 8)[None, :]
+        for j in tl.static_range(8):
+            xj = tl.sum(tl.where(j8 == j, x8, 0.0), 1)  # x[k0 + 8 i + j]: [BK/8]
+            wj = (((wr >> (4 * j)) & 0xF) - 8).to(tl.float32) * sc
+            acc += xj[:, None] * wj
+    else:
+        xv = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)
+        wv = ll.bits_to_f32(ll.elem_bits(wr, WDT), WDT)
+        acc += xv[:, None] * wv
+    return acc
+
+
+@triton.jit
+def _gemv_row(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end,
+              XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr):
+    """fp32 ``x_row[0:K] @ W[:, n0:n0+BN]`` (columns at or past ``n_end`` are 0), for one
+    activation row: the decode case (M = 1, and every MoE slot). Products accumulate
+    elementwise in registers and are reduced once at the end; the next K tile is loaded
+    before the current one is used, so two tiles are in flight per program."""
+    cols = n0 + tl.arange(0, BN)
+    cm = cols < n_end
+    if INT4:
+        acc = tl.zeros([BK // 8, BN], tl.float32)
+    else:
+        acc = tl.zeros([BK, BN], tl.float32)
+    k0 = tl.full([], 0, tl.int32)
+    xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0, cols, cm, INT4, BK)
+    while k0 < K:
+        xc, wc, sc = xn, wn, sn
+        xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0 + BK, cols, cm,
+                              INT4, BK)
+        acc = _row_fma(acc, xc, wc, sc, XDT, WDT, INT4, BK)
+        k0 += BK
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
+              XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 ``x[m0:m0+BM, :] @ W[:, n0:n0+BN]`` with ``tl.dot`` (rows/columns past M/N are 0),
+    for several activation rows. ``NATIVE``: 16-bit operands straight to the tensor cores
+    (INT4 dequantised to x's dtype first, as vLLM's INT4 GEMMs do), fp32 accumulation;
+    otherwise fp32 operands and an IEEE fp32 dot (the Triton interpreter, fp32 activations,
+    or mixed dtypes)."""
     rows = m0 + tl.arange(0, BM)
     cols = n0 + tl.arange(0, BN)
     rmask = rows < M
@@ -82,25 +156,137 @@ def _gemv_tile(
     while k0 < K:
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
-        xt = _load_f32(x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :],
-                       rmask[:, None] & kmask[None, :], XDT)
-        wmask = kmask[:, None] & cmask[None, :]
+        xp = x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :]
+        xm = rmask[:, None] & kmask[None, :]
+        if NATIVE:
+            xt = tl.load(xp, mask=xm, other=0.0)
+        else:
+            xt = _load_f32(xp, xm, XDT)
         if INT4:
-            q = tl.load(w_ptr + (ks // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,
-                        mask=wmask, other=0)
-            nib = (q >> ((ks % 8) * 4)[:, None]) & 0xF
-            sc = _load_f32(s_ptr + (ks // group).to(tl.int64)[:, None] * lds + cols[None, :],
-                           wmask, WDT)
-            wt = (nib - 8).to(tl.float32) * sc
+            k8 = k0 + tl.arange(0, BK // 8) * 8
+            m2 = (k8 < K)[:, None] & cmask[None, :]
+            q = tl.load(w_ptr + (k8 // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                        mask=m2, other=0)
+            sc = _load_f32(s_ptr + (k8 // group).to(tl.int64)[:, None] * lds + cols[None, :],
+                           m2, WDT)
+            nib = (q[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+            wt = tl.reshape((nib - 8).to(tl.float32) * sc[:, None, :], [BK, BN])
+            if NATIVE:
+                wt = wt.to(xt.dtype)
         else:
-            wt = _load_f32(w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn,
-                           wmask, WDT)
-        if USE_DOT:
-            acc += tl.dot(xt, wt, input_precision="ieee")
+            wp = w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn
+            wm = kmask[:, None] & cmask[None, :]
+            if NATIVE:
+                wt = tl.load(wp, mask=wm, other=0.0)
+            else:
+                wt = _load_f32(wp, wm, WDT)
+        if NATIVE:
+            acc = tl.dot(xt, wt, acc)
         else:
-            acc += tl.sum(xt[:, :, None] * wt[None, :, :], 1)
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")
         k0 += BK
     return acc
+
+
+@triton.jit
+def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                 ids_ptr, tw_ptr, swe, sse,
+                 XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr):
+    """Row ``m`` of this rank's fp32 partial, columns ``[n0, n0+BN)``. ``TOPK == 0``: a
+    linear layer, ``x[m] @ W``. ``TOPK > 0``: an MoE down projection, ``sum_s tw[m, s] *
+    (x[m*TOPK + s] @ W[ids[m, s]])`` over the routing slots in order (experts stacked along
+    the weights' leading dimension, strides ``swe`` / ``sse``)."""
+    if TOPK == 0:
+        acc = _gemv_row(x_ptr + m.to(tl.int64) * ldx, w_ptr, swk, swn, s_ptr, lds, group, K,
+                        n0, N, XDT, WDT, INT4, BN, BK)
+    else:
+        acc = tl.zeros([BN], tl.float32)
+        for s in tl.static_range(TOPK):
+            slot = m.to(tl.int64) * TOPK + s
+            e = tl.load(ids_ptr + slot).to(tl.int64)
+            y = _gemv_row(x_ptr + slot * ldx, w_ptr + e * swe, swk, swn, s_ptr + e * sse, lds,
+                          group, K, n0, N, XDT, WDT, INT4, BN, BK)
+            acc = acc + tl.load(tw_ptr + slot).to(tl.float32) * y
+    return acc
+
+
+@triton.jit
+def _tile_push(acc, rows, cols, M, N, flag, ws, table, rank, mine1, WORLD: tl.constexpr,
+               BACKEND: tl.constexpr):
+    """Publishes an fp32 partial tile (``acc [R, C]`` at ``rows x cols``) as LL8 packets, word
+    ``m * N + n``, to every peer's hop-1 slot and to our own workspace."""
+    words = rows[:, None] * N + cols[None, :]
+    wmask = (rows < M)[:, None] & (cols < N)[None, :]
+    packets = ll.pack(acc.to(tl.int32, bitcast=True), flag)
+    for i in tl.static_range(1, WORLD):
+        peer = _ptr(table, (rank + i) % WORLD)
+        ll.store(peer + mine1 + PAYLOAD_OFFSET + words, packets, wmask, BACKEND)
+    ll.store(ws + words, packets, wmask, BACKEND)
+
+
+@triton.jit
+def _row_sum(ws, me, words, cm, my_hdr, flag, limit, failed, ctrl, rank, phase, seq,
+             hop1_off, slot_words, WORLD: tl.constexpr, WAIT: tl.constexpr,
+             BACKEND: tl.constexpr):
+    """fp32 sums over the sources, in rank order 0..WORLD-1, of the partial words ``words``
+    (own partial from ``ws``, peers' from our inbox). ``WAIT``: bounded waits for the flags
+    and the peers' headers, failures recorded in ``ctrl``; otherwise the words are known to
+    have arrived and are just read again. Returns (sums, failed)."""
+    hl = tl.arange(0, HEADER_WORDS)
+    one = tl.full([], 1, tl.int64)
+    none = cm & (words < 0)
+    if WAIT:
+        lim = tl.where(failed != 0, 0, limit)
+        own, _, own_ok = ll.wait(ws + words, cm, ws + words, none, flag, lim, BACKEND)
+        bad = (own_ok == 0) & (failed == 0)
+        tl.atomic_or(ctrl + CTRL_MISSING, one << rank, mask=bad)
+        tl.atomic_max(ctrl + CTRL_STATUS, one, mask=bad)
+        failed = failed | (own_ok == 0).to(tl.int32)
+    else:
+        own = ll.load(ws + words, cm, BACKEND)
+    acc = tl.zeros(words.shape, tl.float32)
+    for src in tl.static_range(WORLD):
+        is_me = rank == src
+        slot = me + hop1_off + (phase * WORLD + src) * slot_words
+        if WAIT:
+            lim = tl.where(failed != 0, 0, limit)
+            got, theirs, st = _wait_peer(
+                slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), slot,
+                ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, BACKEND,
+            )
+            if st != 0:  # uniform branch: no bookkeeping cost on the fast path
+                bit = one << src
+                tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
+                tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
+                hm = ll.both(hl < HEADER_WORDS, st == 2)
+                tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
+                tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
+                tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
+                tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            failed = failed | (st != 0).to(tl.int32)
+        else:
+            got = ll.load(slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), BACKEND)
+        v = tl.where(is_me, ll.bits_to_f32(ll.data_of(own), 0),
+                     ll.bits_to_f32(ll.data_of(got), 0))
+        if src == 0:
+            acc = v
+        else:
+            acc = acc + v
+    return acc, failed
+
+
+@triton.jit
+def _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.constexpr,
+               HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr):
+    """Writes ``res_out = acc`` and ``out = acc * inv * w`` (``w + 1``: Gemma) for columns
+    ``c`` of a row, unless the call failed."""
+    wn = _load_f32(nw_ptr + c, cm, XDT)
+    if GEMMA:
+        wn = wn + 1.0
+    if HAS_RES_OUT:
+        tl.store(res_out_ptr + base + c, ll.from_f32(acc, XDT), mask=ll.both(cm, ok))
+    tl.store(out_ptr + base + c, ll.from_f32((acc * inv) * wn, XDT), mask=ll.both(cm, ok))
 
 
 @triton.jit
@@ -110,24 +296,26 @@ def linear_add_rms_norm_kernel(
     M, K, N, n_tiles, eps, ws, ws_words,
     table, ctrl, aux, rank, h0, h1, h2, h3,
     hop1_off, slot_words, hop2_off, hop2_words, limit,
+    ids_ptr, tw_ptr, swe, sse,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, WORLD: tl.constexpr,
+    NATIVE: tl.constexpr, TOPK: tl.constexpr,
+    BLOCK_ROW: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
     BACKEND: tl.constexpr,
 ):
-    """``out, res_out = add_rms_norm(sum_r x_r @ W_r (+ residual))`` for x ``[M, K]`` (row
-    stride ``ldx``), W ``[K, N]`` (strides ``swk``, ``swn``; INT4: qweight strides of the
-    packed ``[K/8, N]``), residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``.
-    Outputs may alias the residual (each epilogue program reads its row before writing)."""
+    """``out, res_out = add_rms_norm(sum_r partial_r (+ residual))`` where this rank's partial
+    is ``x [M, K] @ W [K, N]`` (``TOPK == 0``; x row stride ``ldx``; W strides ``swk``,
+    ``swn``; INT4: qweight strides of the packed ``[K/8, N]``) or the MoE down projection
+    ``sum_s tw[m, s] * x[m*TOPK + s] @ W[ids[m, s]]`` (``TOPK > 0``, expert strides ``swe``,
+    ``sse``). Residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``. Outputs may
+    alias the residual (each epilogue program reads its whole row before writing it)."""
     seq = _load_seq(ctrl, BACKEND)
-    ticket = tl.atomic_add(aux + AUX_TICKET, 1)
+    ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
     phase = seq & 1
     hl = tl.arange(0, HEADER_WORDS)
     my_hdr = _header(h0, h1, h2, h3)
-    me = _ptr(table, rank)
-    one = tl.full([], 1, tl.int64)
     ll.publish_fence(ctrl + CTRL_SCRATCH, BACKEND)
 
     if ticket < n_tiles:
@@ -138,67 +326,66 @@ def linear_add_rms_norm_kernel(
             peer = _ptr(table, (rank + i) % WORLD)
             ll.store(peer + mine1 + hl, ll.pack(my_hdr, flag), hmask, BACKEND)
         n0 = ticket * BN
-        m0 = tl.full([], 0, tl.int32)
-        while m0 < M:
-            acc = _gemv_tile(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                             XDT, WDT, INT4, BM, BN, BK, USE_DOT)
-            rows = m0 + tl.arange(0, BM)
-            cols = n0 + tl.arange(0, BN)
-            words = rows[:, None] * N + cols[None, :]
-            wmask = (rows < M)[:, None] & (cols < N)[None, :]
-            packets = ll.pack(acc.to(tl.int32, bitcast=True), flag)
-            for i in tl.static_range(1, WORLD):
-                peer = _ptr(table, (rank + i) % WORLD)
-                ll.store(peer + mine1 + PAYLOAD_OFFSET + words, packets, wmask, BACKEND)
-            ll.store(ws + words, packets, wmask, BACKEND)
-            m0 += BM
+        cols = n0 + tl.arange(0, BN)
+        if USE_DOT:
+            m0 = tl.full([], 0, tl.int32)
+            while m0 < M:
+                acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
+                                XDT, WDT, INT4, BM, BN, BK, NATIVE)
+                _tile_push(acc, m0 + tl.arange(0, BM), cols, M, N, flag, ws, table, rank,
+                           mine1, WORLD, BACKEND)
+                m0 += BM
+        else:
+            m = tl.full([], 0, tl.int32)
+            while m < M:
+                acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                                   ids_ptr, tw_ptr, swe, sse, XDT, WDT, INT4, BN, BK, TOPK)
+                _tile_push(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, ws, table,
+                           rank, mine1, WORLD, BACKEND)
+                m += 1
     else:
         # ---------------------------------------------------------------- epilogue row
         row = ticket - n_tiles
-        c = tl.arange(0, BLOCK_ROW)
-        cm = c < N
-        words = row * N + c
-        none = cm & (c < 0)
-        own, _, own_ok = ll.wait(ws + words, cm, ws + words, none, flag, limit, BACKEND)
-        failed = (own_ok == 0).to(tl.int32)
-        tl.atomic_or(ctrl + CTRL_MISSING, one << rank, mask=own_ok == 0)
-        tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64), mask=own_ok == 0)
-        own_v = ll.bits_to_f32(ll.data_of(own), 0)
-        acc = tl.zeros([BLOCK_ROW], tl.float32)
-        for src in tl.static_range(WORLD):
-            is_me = rank == src
-            slot = me + hop1_off + (phase * WORLD + src) * slot_words
-            lim = tl.where(failed != 0, 0, limit)
-            got, theirs, st = _wait_peer(
-                slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), slot,
-                ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, BACKEND,
-            )
-            bit = one << src
-            tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
-            tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
-            tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs),
-                     mask=ll.both(hl < HEADER_WORDS, st == 2))
-            tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr,
-                     mask=ll.both(hl < HEADER_WORDS, st == 2))
-            tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64), mask=st != 0)
-            failed = failed | (st != 0).to(tl.int32)
-            v = tl.where(is_me, own_v, ll.bits_to_f32(ll.data_of(got), 0))
-            if src == 0:
-                acc = v
-            else:
-                acc = acc + v
+        me = _ptr(table, rank)
         base = row.to(tl.int64) * N
-        if HAS_RES:
-            acc = acc + _load_f32(res_ptr + base + c, cm, XDT)
-        ss = tl.sum(tl.where(cm, acc * acc, 0.0), 0)
-        inv = tl.math.rsqrt(ss / N + eps)
-        wn = _load_f32(nw_ptr + c, cm, XDT)
-        if GEMMA:
-            wn = wn + 1.0
-        ok = failed == 0
-        if HAS_RES_OUT:
-            tl.store(res_out_ptr + base + c, ll.from_f32(acc, XDT), mask=ll.both(cm, ok))
-        tl.store(out_ptr + base + c, ll.from_f32((acc * inv) * wn, XDT), mask=ll.both(cm, ok))
+        c = tl.arange(0, EPI_BLOCK)
+        failed = tl.zeros([], tl.int32)
+        if BLOCK_ROW <= EPI_BLOCK:
+            cm = c < N
+            acc, failed = _row_sum(ws, me, row * N + c, cm, my_hdr, flag, limit, failed, ctrl,
+                                   rank, phase, seq, hop1_off, slot_words, WORLD, True, BACKEND)
+            if HAS_RES:
+                acc = acc + _load_f32(res_ptr + base + c, cm, XDT)
+            inv = tl.math.rsqrt(tl.sum(tl.where(cm, acc * acc, 0.0), 0) / N + eps)
+            _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, failed == 0,
+                       XDT, HAS_RES_OUT, GEMMA)
+        else:
+            # Long rows: two passes in EPI_BLOCK chunks, so registers stay bounded whatever N.
+            # Pass 1 waits for every word and takes the sum of squares; pass 2 reads the
+            # arrived words again (the same sums, bit for bit) and writes.
+            ss = tl.zeros([], tl.float32)
+            c0 = tl.full([], 0, tl.int32)
+            while c0 < N:
+                cm = c0 + c < N
+                acc, failed = _row_sum(ws, me, row * N + c0 + c, cm, my_hdr, flag, limit,
+                                       failed, ctrl, rank, phase, seq, hop1_off, slot_words,
+                                       WORLD, True, BACKEND)
+                if HAS_RES:
+                    acc = acc + _load_f32(res_ptr + base + c0 + c, cm, XDT)
+                ss += tl.sum(tl.where(cm, acc * acc, 0.0), 0)
+                c0 += EPI_BLOCK
+            inv = tl.math.rsqrt(ss / N + eps)
+            c0 = tl.full([], 0, tl.int32)
+            while c0 < N:
+                cm = c0 + c < N
+                acc, _ = _row_sum(ws, me, row * N + c0 + c, cm, my_hdr, flag, limit, failed,
+                                  ctrl, rank, phase, seq, hop1_off, slot_words, WORLD, False,
+                                  BACKEND)
+                if HAS_RES:
+                    acc = acc + _load_f32(res_ptr + base + c0 + c, cm, XDT)
+                _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c0 + c, cm,
+                           failed == 0, XDT, HAS_RES_OUT, GEMMA)
+                c0 += EPI_BLOCK
 
     n_words = M * N
     _scrub(table, rank, seq, n_words, 0, hop1_off, slot_words, hop2_off, hop2_words,
@@ -225,7 +412,9 @@ def _scrub_workspace(ws, ws_words, n_words, seq, BACKEND: tl.constexpr):
 def _finish(ctrl, aux, seq):
     """The last program of the launch publishes ``seq`` and resets the counters."""
     n = tl.num_programs(0) * tl.num_programs(1)
-    old = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="acq_rel", scope="gpu")
+    # Relaxed, as triton_mailbox._finish: every program's seq load has completed by now, and
+    # the next launch sees these stores by stream order.
+    old = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="relaxed", scope="gpu")
     if old == n - 1:
         tl.store(ctrl + CTRL_DONE, 0)
         tl.store(aux + AUX_TICKET, 0)
@@ -235,22 +424,57 @@ def _finish(ctrl, aux, seq):
 @triton.jit
 def linear_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, out_ptr, M, K, N,
+    ids_ptr, tw_ptr, swe, sse,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    NATIVE: tl.constexpr, TOPK: tl.constexpr,
 ):
-    """The GEMV alone (no communication): fp32 ``out [M, N] = x @ W``, one program per BN
-    columns looping over M exactly like the GEMV tiles of ``linear_add_rms_norm_kernel``
-    (same ``_gemv_tile``, same blocks), so it times the fused kernel's compute share."""
+    """The partial alone (no communication): fp32 ``out [M, N]``, one program per BN columns
+    running exactly the GEMV tiles of ``linear_add_rms_norm_kernel`` (same helpers, same
+    blocks), so it times the fused kernel's compute share and is the unfused path's GEMV."""
     n0 = tl.program_id(0) * BN
-    m0 = tl.full([], 0, tl.int32)
-    while m0 < M:
-        acc = _gemv_tile(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                         XDT, WDT, INT4, BM, BN, BK, USE_DOT)
-        rows = m0 + tl.arange(0, BM)
-        cols = n0 + tl.arange(0, BN)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc,
-                 mask=(rows < M)[:, None] & (cols < N)[None, :])
-        m0 += BM
+    cols = n0 + tl.arange(0, BN)
+    if USE_DOT:
+        m0 = tl.full([], 0, tl.int32)
+        while m0 < M:
+            acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
+                            XDT, WDT, INT4, BM, BN, BK, NATIVE)
+            rows = m0 + tl.arange(0, BM)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc,
+                     mask=(rows < M)[:, None] & (cols < N)[None, :])
+            m0 += BM
+    else:
+        m = tl.full([], 0, tl.int32)
+        while m < M:
+            acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                               ids_ptr, tw_ptr, swe, sse, XDT, WDT, INT4, BN, BK, TOPK)
+            tl.store(out_ptr + m.to(tl.int64) * N + cols, acc, mask=cols < N)
+            m += 1
+
+
+@triton.jit
+def moe_gate_up_kernel(
+    x_ptr, ldx, ids_ptr, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, h_ptr, K, inter,
+    TOPK: tl.constexpr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    """First half of a SiLU-gated MoE (the Triton stand-in for a framework's fused-MoE gate /
+    up GEMM): program (j, r) computes routing slot ``r = m * TOPK + s`` columns
+    ``[j*BN, (j+1)*BN)`` of ``h[r] = silu(x[m] @ W13[e][:, :I]) * (x[m] @ W13[e][:, I:])``,
+    ``e = ids[r]``, rounded to x's dtype (``h`` ``[M*TOPK, I]`` contiguous). The down
+    projection is ``linear_add_rms_norm_kernel`` / ``linear_kernel`` with ``TOPK``."""
+    r = tl.program_id(1).to(tl.int64)
+    n0 = tl.program_id(0) * BN
+    e = tl.load(ids_ptr + r).to(tl.int64)
+    x_row = x_ptr + (r // TOPK) * ldx
+    w_e = w_ptr + e * swe
+    s_e = s_ptr + e * sse
+    gate = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, n0, inter, XDT, WDT, INT4, BN, BK)
+    up = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, inter + n0, 2 * inter,
+                   XDT, WDT, INT4, BN, BK)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    cols = n0 + tl.arange(0, BN)
+    tl.store(h_ptr + r * inter + cols, ll.from_f32(h, XDT), mask=cols < inter)
 
 
 @triton.jit
@@ -261,4 +485,4 @@ def fill_words_kernel(ptr, n_words, value, BLOCK: tl.constexpr):
 
 
 ll.interpreter_fast_calls(globals(), keep=("linear_add_rms_norm_kernel", "linear_kernel",
-                                         "fill_words_kernel"))
+                                         "moe_gate_up_kernel", "fill_words_kernel"))

@@ -266,7 +266,7 @@ def step_ccl(st: Stack, comm, bufs, fuse_moe=True):
             moe_all_reduce_add_rms_norm(comm, h, ids, tw, st.experts[l], residual,
                                         st.in_norm[l + 1], EPS, out=x_norm, residual_out=residual)
         else:  # the expert partial through memory, then the fused all-reduce + add + norm
-            partial = moe_partial(h, ids, tw, st.experts[l])
+            partial = moe_partial(h, ids, tw, st.experts[l]).to(h.dtype)
             comm.all_reduce_add_rms_norm(partial, residual, st.in_norm[l + 1], EPS, out=x_norm,
                                          residual_out=residual)
     return x_norm, residual

@@ -32,6 +32,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KIND_DENSE_KN, _KIND_DENSE_NK, _KIND_INT4 = 0, 1, 2
 _GROUP_SIZES = (32, 64, 128)
 _MAX_ROW = 16384  # device epilogue: one program holds a whole row
+_MAX_ROWS = 64  # device kernel: rows per launch (triton_fused_linear.MAX_ROWS)
 
 
 # ============================================================================== INT4 weights
@@ -391,7 +392,7 @@ def linear_all_reduce_add_rms_norm(
         return out, residual_out
     comm._live()
     dm = comm._device_mailbox
-    if dm is not None and m * n <= dm.layout.cap_words and n <= _MAX_ROW:
+    if dm is not None and m * n <= dm.layout.cap_words and n <= _MAX_ROW and m <= _MAX_ROWS:
         device_linear_add_rms_norm(dm, x2, weight, quant, residual, norm_weight, eps,
                                    gemma=gemma, out=out, residual_out=residual_out)
         return out, residual_out
@@ -438,12 +439,9 @@ class _DeviceState:
         from ccl.kernels import triton_fused_linear as F
 
         self.aux = torch.zeros(F.AUX_WORDS, dtype=torch.int64, device=dm.device)
-        # Workspace words start with a flag half a period away from the current sequence
-        # number (computed on the device: no synchronisation), so no call before the next
-        # scrub can mistake an unwritten word for a fresh one.
-        seq = dm._ctrl[F.CTRL_SEQ.value:F.CTRL_SEQ.value + 1]
-        flag = (seq + (1 << 31)) & 0xFFFFFFFF
-        self.ws = (flag << 32).expand(dm.layout.cap_words).clone()
+        # fp32 scratch of the tile programs: [M, N] pre-norm rows + [M, n_tiles] sums of
+        # squares, at most 2 * cap_words floats (int64 storage keeps the 8-byte alignment)
+        self.ws = torch.zeros(dm.layout.cap_words, dtype=torch.int64, device=dm.device)
 
 
 _DEVICE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -486,14 +484,21 @@ class GemvTiles:
     use_dot: bool = False
     bm: int = 1
     num_warps: int = 4
+    int4_3d: bool = False  # INT4 one-row path: unpack the 8 nibbles as one 3-D block
+
+    def int4_code(self, quant) -> int:
+        """The kernels' INT4 constexpr: 0 dense, 1 nibble by nibble, 2 one 3-D block."""
+        return 0 if quant is None else (2 if self.int4_3d else 1)
 
 
-# Defaults by (path, INT4). Chosen by bench/gpu_gemv_sweep.py on H200 (K 1536, N 3072;
-# bench/results/h200-gemv-sweep.json); the interpreter and other devices use the same.
+# Defaults by (path, INT4), from bench/results/h200x2-fused-linear.json (2x H200, K 1536 per
+# rank, N 3072, bf16): GEMV alone M=1 bf16 3.5 us (torch F.linear 4.5), INT4 5.9 us with
+# 16-column tiles; M=8 bf16 8.0 us with 8 warps. The interpreter and other devices use the
+# same.
 _TILES = {
     ("row", False): GemvTiles(bn=16, bk=256),
-    ("row", True): GemvTiles(bn=32, bk=256),
-    ("dot", False): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
+    ("row", True): GemvTiles(bn=16, bk=256),
+    ("dot", False): GemvTiles(bn=32, bk=128, use_dot=True, bm=16, num_warps=8),
     ("dot", True): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
 }
 _ROW_MAX_M = 1  # up to this many rows, one row at a time; above, tl.dot
@@ -548,7 +553,7 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
     (launch or _launch_now)(
         F.linear_kernel, ((n + t.bn - 1) // t.bn,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
-        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
+        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=t.int4_code(quant), BM=t.bm, BN=t.bn,
         BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         num_warps=t.num_warps,
     )
@@ -573,7 +578,7 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
     (launch or _launch_now)(
         F.moe_gate_up_kernel, ((inter + t.bn - 1) // t.bn, m * topk),
         x, x.stride(0), topk_ids, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, out, k, inter,
-        TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BN=t.bn,
+        TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=t.int4_code(quant), BN=t.bn,
         BK=t.bk, num_warps=t.num_warps,
     )
     return out
@@ -581,7 +586,7 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
 
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
                                gemma=False, out, residual_out, tiles=None, topk_ids=None,
-                               topk_weights=None, epi_block=1024):
+                               topk_weights=None, epi_block=4096):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
     interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K (MoE: ``[M*k, K]``
     with ``topk_ids`` / ``topk_weights`` ``[M, k]`` and stacked weights); outputs / residual
@@ -596,6 +601,8 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
     w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n = _device_weight(weight, quant)
     ids, tw, topk = _routing_args(topk_ids, topk_weights, x)
     m = x.shape[0] // max(1, topk)
+    if m > F.MAX_ROWS:
+        raise ValueError(f"{m} rows exceed the fused kernel's {F.MAX_ROWS}")
     if m * n > dm.layout.cap_words:
         raise ValueError(f"the fp32 partial of {m}x{n} exceeds the mailbox capacity "
                          f"{dm.capacity_bytes} bytes ({dm.layout.cap_words} packets)")
@@ -615,13 +622,13 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group,
         residual if residual is not None else out, norm_weight, out,
         residual_out if residual_out is not None else out,
-        m, k, n, n_tiles, float(eps), state.ws, dm.layout.cap_words,
+        m, k, n, n_tiles, float(eps), state.ws,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         ids, tw, swe, sse,
-        XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
+        XDT=code, WDT=wdt, INT4=t.int4_code(quant), BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
-        BLOCK_ROW=block_row, EPI_BLOCK=min(block_row, _next_pow2(epi_block)),
+        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=min(block_row, _next_pow2(epi_block)),
         WORLD=dm.world_size, HAS_RES=residual is not None,
         HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,
         num_warps=t.num_warps,

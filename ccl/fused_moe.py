@@ -247,12 +247,12 @@ def _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual
     """gate/up kernel, then ONE kernel for the routed down projection + all-reduce + add +
     RMSNorm: the partial goes from the expert GEMV's registers into the mailbox, never
     through global memory as a tensor."""
-    from ccl.fused_linear import _MAX_ROW, device_linear_add_rms_norm
+    from ccl.fused_linear import _MAX_ROW, _MAX_ROWS, device_linear_add_rms_norm
 
     m, h = x2.shape
     comm._live()
     dm = comm._device_mailbox
-    if dm is None or m * h > dm.layout.cap_words or h > _MAX_ROW:
+    if dm is None or m * h > dm.layout.cap_words or h > _MAX_ROW or m > _MAX_ROWS:
         partial = _device_partial(x2, topk_ids, topk_weights, experts, None)
         comm.all_reduce_add_rms_norm(partial, residual, norm_weight, eps,
                                      norm_style=NormStyle.GEMMA if gemma else NormStyle.STANDARD,

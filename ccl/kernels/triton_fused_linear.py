@@ -7,30 +7,39 @@ helpers and constants this module imports.
 One launch has ``n_tiles + M`` programs. Each program first takes a **ticket** from a counter
 (``aux[AUX_TICKET]``); tickets, not program ids, assign the work:
 
-* ticket ``t < n_tiles`` -- GEMV tile: the fp32 partial ``x[:, :] @ W[:, t*BN:(t+1)*BN]`` of
-  this rank, pushed as LL8 packets (one fp32 per packet, payload word ``m * N + n``) into every
-  peer's hop-1 slot, and into this rank's own workspace ``ws`` (an LL8 array that only this
-  rank writes and reads). It never waits.
-* ticket ``t >= n_tiles`` -- epilogue row ``m = t - n_tiles``: waits for row m of every
-  source (its own from ``ws``, peers' from its inbox), sums them in rank order 0..WORLD-1 in
-  fp32 (so every rank holds bitwise-identical sums), adds the residual and applies RMSNorm.
+* ticket ``t < n_tiles`` -- a column tile: computes this rank's fp32 partial of columns
+  ``[t*BN, (t+1)*BN)`` for every row (``x @ W``, or the routed MoE down projection), publishes
+  it as LL8 packets (one fp32 per packet, payload word ``m * N + n``) into every peer's hop-1
+  slot, then waits for every peer's packets of the *same* tile, sums in rank order
+  0..WORLD-1 in fp32 (so every rank holds bitwise-identical sums), adds the residual, and
+  leaves the pre-norm values and the tile's per-row sum of squares in a scratch of this rank
+  (``ws``), counting the row done in ``aux[AUX_ROWS + m]``.
+* ticket ``t >= n_tiles`` -- the epilogue of row ``m = t - n_tiles``: waits until all
+  ``n_tiles`` tiles counted the row, adds the per-tile sums of squares in tile order and
+  writes ``residual_out`` and the normalised ``out``.
 
-Tickets make the dependency safe everywhere: a program only gets an epilogue ticket after
-every GEMV ticket was handed to a program that is already running (so spinning epilogue
-programs can never starve the GEMV tiles they wait for of SMs), and under the Triton
-interpreter, which runs one launch's programs one after another, tickets follow program
-order: epilogue programs wait only on earlier programs of their own rank and on other ranks'
-GEMV tiles, which never wait.
+So the all-reduce is spread over the tile programs (each waits only for its own tile, which
+the peer's same tile publishes before it waits), and the epilogue is one counter poll and one
+pass over memory that is already summed. Tickets make every wait safe: a tile's peer tile is
+published by a program that never waits before publishing, and, both ranks handing tickets out
+in order, the lowest waiting ticket's peer is always running or about to (no circular wait
+whatever the number of tiles); an epilogue program only exists after every tile ticket was
+handed to a running program, so spinning epilogues never starve tiles of SMs. Under the Triton
+interpreter, which runs one launch's programs one after another, tickets follow program order:
+tile j waits only on the peer's tile j, which it reaches after waiting on our tiles < j, and
+epilogues run after every tile.
 
 The partial travels in fp32 (no rounding between the GEMV and the norm). Sequence number,
 done counter, status words and bounded waits are those of ``triton_mailbox`` (``ctrl``);
-the last program to finish publishes ``seq`` and resets the done counter and the ticket.
-Every 2^31 calls the unused tails of our peers' slots (``_scrub``) and of ``ws`` are
-rewritten with the current flag, so no stale word can carry a matching 32-bit flag.
+the last program to finish publishes ``seq`` and resets the done counter, the ticket and the
+failure flag. Every 2^31 calls the unused tails of our peers' slots are rewritten with the
+current flag (``_scrub``), so no stale word can carry a matching 32-bit flag.
 
 INT4 weights: GPTQ / AutoRound symmetric (vLLM's layout, see ``ccl.fused_linear``):
 qweight int32 ``[K/8, N]`` (nibble ``k % 8`` of word ``[k // 8, n]``), scales ``[K/G, N]``,
-value ``(nibble - 8) * scale`` computed in fp32 (exact), fp32 accumulation.
+value ``(nibble - 8) * scale`` computed in fp32 (exact), fp32 accumulation (the tl.dot path
+for several rows rounds the dequantised weight to the activations' 16-bit dtype first, as
+vLLM's INT4 GEMMs do).
 """
 
 from __future__ import annotations
@@ -61,7 +70,10 @@ from ccl.kernels.triton_mailbox import (
 )
 
 AUX_TICKET = tl.constexpr(0)  # next ticket of the running launch
-AUX_WORDS = 8
+AUX_FAILED = tl.constexpr(1)  # nonzero: a tile program of the running launch failed a wait
+AUX_ROWS = tl.constexpr(8)  # [MAX_ROWS]: tile programs that finished row m
+MAX_ROWS = 64  # rows (tokens) of one fused launch
+AUX_WORDS = 8 + MAX_ROWS
 
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
 FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4, FLAG_MOE = 0x01, 0x02, 0x10, 0x20
@@ -97,8 +109,15 @@ def _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0, cols, cm,
 def _row_fma(acc, xr, wr, sr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
              BK: tl.constexpr):
     """``acc += x * W`` elementwise for one raw tile (fp32; INT4 values ``(nibble - 8) *
-    scale``, exact in fp32). INT4: acc ``[BK/8, BN]``, one nibble position at a time."""
-    if INT4:
+    scale``, exact in fp32). INT4: acc ``[BK/8, BN]``; ``INT4 == 1`` unpacks one nibble
+    position at a time, ``INT4 == 2`` all eight in a 3-D block (two codegen choices whose
+    speed depends on the compiler's layouts: ``GemvTiles.int4_3d`` picks)."""
+    if INT4 == 2:  # one [BK/8, 8, BN] block: x converted once per tile
+        x8 = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)  # [BK/8, 8]
+        sc = ll.bits_to_f32(ll.elem_bits(sr, WDT), WDT)  # [BK/8, BN]
+        nib = (wr[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+        acc += tl.sum(x8[:, :, None] * ((nib - 8).to(tl.float32) * sc[:, None, :]), 1)
+    elif INT4:  # nibble by nibble on [BK/8, BN] blocks
         x8 = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)  # [BK/8, 8]
         sc = ll.bits_to_f32(ll.elem_bits(sr, WDT), WDT)  # [BK/8, BN]
         j8 = tl.arange(0, 8)[None, :]
@@ -212,68 +231,65 @@ def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
 
 
 @triton.jit
-def _tile_push(acc, rows, cols, M, N, flag, ws, table, rank, mine1, WORLD: tl.constexpr,
-               BACKEND: tl.constexpr):
-    """Publishes an fp32 partial tile (``acc [R, C]`` at ``rows x cols``) as LL8 packets, word
-    ``m * N + n``, to every peer's hop-1 slot and to our own workspace."""
-    words = rows[:, None] * N + cols[None, :]
-    wmask = (rows < M)[:, None] & (cols < N)[None, :]
-    packets = ll.pack(acc.to(tl.int32, bitcast=True), flag)
-    for i in tl.static_range(1, WORLD):
-        peer = _ptr(table, (rank + i) % WORLD)
-        ll.store(peer + mine1 + PAYLOAD_OFFSET + words, packets, wmask, BACKEND)
-    ll.store(ws + words, packets, wmask, BACKEND)
-
-
-@triton.jit
-def _row_sum(ws, me, words, cm, my_hdr, flag, limit, failed, ctrl, rank, phase, seq,
-             hop1_off, slot_words, WORLD: tl.constexpr, WAIT: tl.constexpr,
-             BACKEND: tl.constexpr):
-    """fp32 sums over the sources, in rank order 0..WORLD-1, of the partial words ``words``
-    (own partial from ``ws``, peers' from our inbox). ``WAIT``: bounded waits for the flags
-    and the peers' headers, failures recorded in ``ctrl``; otherwise the words are known to
-    have arrived and are just read again. Returns (sums, failed)."""
+def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase, my_hdr,
+                 hop1_off, slot_words, limit, res_ptr, sums, ssp, tile, n_tiles,
+                 XDT: tl.constexpr, HAS_RES: tl.constexpr, WORLD: tl.constexpr,
+                 BACKEND: tl.constexpr):
+    """All-reduce of one partial tile (``acc [R, C]`` at ``rows x cols``, fp32), done by the
+    program that computed it: publish it as LL8 packets (word ``m * N + n``) to every peer's
+    hop-1 slot, wait for every peer's packets of the same tile, sum in rank order
+    0..WORLD-1 (our own values from registers), add the residual, and leave the pre-norm
+    row values in ``sums`` and the tile's sum of squares per row in ``ssp[m, tile]`` (fp32
+    scratch of this rank) for the epilogue. Then count the rows done in ``aux[AUX_ROWS + m]``
+    (release: the epilogue acquires it before reading the scratch)."""
     hl = tl.arange(0, HEADER_WORDS)
     one = tl.full([], 1, tl.int64)
-    none = cm & (words < 0)
-    if WAIT:
-        lim = tl.where(failed != 0, 0, limit)
-        own, _, own_ok = ll.wait(ws + words, cm, ws + words, none, flag, lim, BACKEND)
-        bad = (own_ok == 0) & (failed == 0)
-        tl.atomic_or(ctrl + CTRL_MISSING, one << rank, mask=bad)
-        tl.atomic_max(ctrl + CTRL_STATUS, one, mask=bad)
-        failed = failed | (own_ok == 0).to(tl.int32)
-    else:
-        own = ll.load(ws + words, cm, BACKEND)
-    acc = tl.zeros(words.shape, tl.float32)
+    NW: tl.constexpr = acc.shape[0] * acc.shape[1]
+    words = rows[:, None] * N + cols[None, :]
+    rmask = rows < M
+    wmask = rmask[:, None] & (cols < N)[None, :]
+    mine1 = hop1_off + (phase * WORLD + rank) * slot_words  # our slot in a peer's hop 1
+    for i in tl.static_range(1, WORLD):
+        peer = _ptr(table, (rank + i) % WORLD)
+        ll.store(peer + mine1 + PAYLOAD_OFFSET + words, ll.pack(acc.to(tl.int32, bitcast=True),
+                                                               flag), wmask, BACKEND)
+    ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
+    me = _ptr(table, rank)
+    failed = tl.load(aux + AUX_FAILED, volatile=True).to(tl.int32)  # an earlier tile failed
+    total = tl.zeros(acc.shape, tl.float32)
     for src in tl.static_range(WORLD):
         is_me = rank == src
         slot = me + hop1_off + (phase * WORLD + src) * slot_words
-        if WAIT:
-            lim = tl.where(failed != 0, 0, limit)
-            got, theirs, st = _wait_peer(
-                slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), slot,
-                ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, BACKEND,
-            )
-            if st != 0:  # uniform branch: no bookkeeping cost on the fast path
-                bit = one << src
-                tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
-                tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
-                hm = ll.both(hl < HEADER_WORDS, st == 2)
-                tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
-                tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
-                tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
-                tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
-            failed = failed | (st != 0).to(tl.int32)
-        else:
-            got = ll.load(slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), BACKEND)
-        v = tl.where(is_me, ll.bits_to_f32(ll.data_of(own), 0),
-                     ll.bits_to_f32(ll.data_of(got), 0))
+        lim = tl.where(failed != 0, 0, limit)
+        # (_wait_peer reduces over one axis: it takes the tile flattened)
+        got, theirs, st = _wait_peer(
+            tl.reshape(slot + PAYLOAD_OFFSET + words, [NW]),
+            tl.reshape(ll.both(wmask, is_me == 0), [NW]), slot,
+            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, BACKEND,
+        )
+        got = tl.reshape(got, acc.shape)
+        if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
+            bit = one << src
+            tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
+            tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
+            hm = ll.both(hl < HEADER_WORDS, st == 2)
+            tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
+            tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
+            tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
+            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            tl.atomic_or(aux + AUX_FAILED, one)
+        failed = failed | (st != 0).to(tl.int32)
+        v = tl.where(is_me, acc, ll.bits_to_f32(ll.data_of(got), 0))
         if src == 0:
-            acc = v
+            total = v
         else:
-            acc = acc + v
-    return acc, failed
+            total = total + v
+    if HAS_RES:
+        total = total + _load_f32(res_ptr + words, wmask, XDT)
+    tl.store(sums + words, total, mask=wmask)
+    tl.store(ssp + rows * n_tiles + tile, tl.sum(tl.where(wmask, total * total, 0.0), 1),
+             mask=rmask)
+    tl.atomic_add(aux + AUX_ROWS + rows, 1, mask=rmask, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -293,14 +309,14 @@ def _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.
 def linear_add_rms_norm_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group,
     res_ptr, nw_ptr, out_ptr, res_out_ptr,
-    M, K, N, n_tiles, eps, ws, ws_words,
+    M, K, N, n_tiles, eps, ws,
     table, ctrl, aux, rank, h0, h1, h2, h3,
     hop1_off, slot_words, hop2_off, hop2_words, limit,
     ids_ptr, tw_ptr, swe, sse,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK_ROW: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
+    BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
     BACKEND: tl.constexpr,
 ):
@@ -308,20 +324,23 @@ def linear_add_rms_norm_kernel(
     is ``x [M, K] @ W [K, N]`` (``TOPK == 0``; x row stride ``ldx``; W strides ``swk``,
     ``swn``; INT4: qweight strides of the packed ``[K/8, N]``) or the MoE down projection
     ``sum_s tw[m, s] * x[m*TOPK + s] @ W[ids[m, s]]`` (``TOPK > 0``, expert strides ``swe``,
-    ``sse``). Residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``. Outputs may
-    alias the residual (each epilogue program reads its whole row before writing it)."""
+    ``sse``). Residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``, M <= MAX_ROWS.
+    Outputs may alias the residual (the residual is read by the tile programs, which all
+    finish before an epilogue program writes)."""
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
     phase = seq & 1
     hl = tl.arange(0, HEADER_WORDS)
     my_hdr = _header(h0, h1, h2, h3)
+    sums = ws.to(tl.pointer_type(tl.float32))  # [M, N] pre-norm rows (fp32 scratch)
+    ssp = sums + M * N  # [M, n_tiles] sums of squares per row and tile
     ll.publish_fence(ctrl + CTRL_SCRATCH, BACKEND)
 
     if ticket < n_tiles:
-        # ---------------------------------------------------------------- GEMV tile + push
+        # -------------------------------------------- GEMV tile, then its all-reduce
         hmask = ll.both(hl < HEADER_WORDS, ticket == 0)
-        mine1 = hop1_off + (phase * WORLD + rank) * slot_words  # our slot in a peer's hop 1
+        mine1 = hop1_off + (phase * WORLD + rank) * slot_words
         for i in tl.static_range(1, WORLD):
             peer = _ptr(table, (rank + i) % WORLD)
             ll.store(peer + mine1 + hl, ll.pack(my_hdr, flag), hmask, BACKEND)
@@ -332,80 +351,54 @@ def linear_add_rms_norm_kernel(
             while m0 < M:
                 acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
                                 XDT, WDT, INT4, BM, BN, BK, NATIVE)
-                _tile_push(acc, m0 + tl.arange(0, BM), cols, M, N, flag, ws, table, rank,
-                           mine1, WORLD, BACKEND)
+                _tile_reduce(acc, m0 + tl.arange(0, BM), cols, M, N, flag, seq, table, ctrl,
+                             aux, rank, phase, my_hdr, hop1_off, slot_words, limit, res_ptr,
+                             sums, ssp, ticket, n_tiles, XDT, HAS_RES, WORLD, BACKEND)
                 m0 += BM
         else:
             m = tl.full([], 0, tl.int32)
             while m < M:
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
                                    ids_ptr, tw_ptr, swe, sse, XDT, WDT, INT4, BN, BK, TOPK)
-                _tile_push(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, ws, table,
-                           rank, mine1, WORLD, BACKEND)
+                _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
+                             ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
+                             res_ptr, sums, ssp, ticket, n_tiles, XDT, HAS_RES, WORLD, BACKEND)
                 m += 1
     else:
-        # ---------------------------------------------------------------- epilogue row
+        # -------------------------------------------- epilogue: RMSNorm of one row
+        # Waits until every tile program finished the row (one counter), then normalises the
+        # all-reduced values the tile programs left in the scratch. Tickets guarantee every
+        # tile program is running before any epilogue program spins (no starvation), and
+        # the interpreter runs the tiles first.
         row = ticket - n_tiles
-        me = _ptr(table, rank)
+        done = tl.atomic_add(aux + AUX_ROWS + row, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (done < n_tiles) & (spins < limit):
+            done = tl.atomic_add(aux + AUX_ROWS + row, 0, sem="acquire", scope="gpu")
+            spins += 1
+        ok = (done >= n_tiles) & (tl.load(aux + AUX_FAILED, volatile=True) == 0)
+        if done < n_tiles:  # only after a tile's own bounded waits: record, never hang
+            tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            tl.atomic_or(ctrl + CTRL_MISSING, tl.full([], 1, tl.int64) << rank)
+        t = tl.arange(0, BLOCK_TILES)
+        ss = tl.sum(tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0), 0)
+        inv = tl.math.rsqrt(ss / N + eps)
         base = row.to(tl.int64) * N
         c = tl.arange(0, EPI_BLOCK)
-        failed = tl.zeros([], tl.int32)
-        if BLOCK_ROW <= EPI_BLOCK:
-            cm = c < N
-            acc, failed = _row_sum(ws, me, row * N + c, cm, my_hdr, flag, limit, failed, ctrl,
-                                   rank, phase, seq, hop1_off, slot_words, WORLD, True, BACKEND)
-            if HAS_RES:
-                acc = acc + _load_f32(res_ptr + base + c, cm, XDT)
-            inv = tl.math.rsqrt(tl.sum(tl.where(cm, acc * acc, 0.0), 0) / N + eps)
-            _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, failed == 0,
+        c0 = tl.full([], 0, tl.int32)
+        while c0 < N:
+            cm = c0 + c < N
+            acc = tl.load(sums + base + c0 + c, mask=cm, other=0.0)
+            _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c0 + c, cm, ok,
                        XDT, HAS_RES_OUT, GEMMA)
-        else:
-            # Long rows: two passes in EPI_BLOCK chunks, so registers stay bounded whatever N.
-            # Pass 1 waits for every word and takes the sum of squares; pass 2 reads the
-            # arrived words again (the same sums, bit for bit) and writes.
-            ss = tl.zeros([], tl.float32)
-            c0 = tl.full([], 0, tl.int32)
-            while c0 < N:
-                cm = c0 + c < N
-                acc, failed = _row_sum(ws, me, row * N + c0 + c, cm, my_hdr, flag, limit,
-                                       failed, ctrl, rank, phase, seq, hop1_off, slot_words,
-                                       WORLD, True, BACKEND)
-                if HAS_RES:
-                    acc = acc + _load_f32(res_ptr + base + c0 + c, cm, XDT)
-                ss += tl.sum(tl.where(cm, acc * acc, 0.0), 0)
-                c0 += EPI_BLOCK
-            inv = tl.math.rsqrt(ss / N + eps)
-            c0 = tl.full([], 0, tl.int32)
-            while c0 < N:
-                cm = c0 + c < N
-                acc, _ = _row_sum(ws, me, row * N + c0 + c, cm, my_hdr, flag, limit, failed,
-                                  ctrl, rank, phase, seq, hop1_off, slot_words, WORLD, False,
-                                  BACKEND)
-                if HAS_RES:
-                    acc = acc + _load_f32(res_ptr + base + c0 + c, cm, XDT)
-                _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c0 + c, cm,
-                           failed == 0, XDT, HAS_RES_OUT, GEMMA)
-                c0 += EPI_BLOCK
+            c0 += EPI_BLOCK
+        tl.store(aux + AUX_ROWS + row, 0)  # the only reader: reset for the next call
 
     n_words = M * N
     _scrub(table, rank, seq, n_words, 0, hop1_off, slot_words, hop2_off, hop2_words,
            1, WORLD, False, BACKEND)
-    _scrub_workspace(ws, ws_words, n_words, seq, BACKEND)
     _finish(ctrl, aux, seq)
-
-
-@triton.jit
-def _scrub_workspace(ws, ws_words, n_words, seq, BACKEND: tl.constexpr):
-    """Every 2^31 calls, rewrite the unused tail of the workspace with the current flag."""
-    if (seq & SCRUB_MASK) < 2:
-        flag = seq & ll.LOW32
-        offs = tl.arange(0, SCRUB_BLOCK)
-        fill = ll.pack(offs * 0, flag)
-        t = n_words + tl.program_id(0) * SCRUB_BLOCK
-        step = tl.num_programs(0) * SCRUB_BLOCK
-        while t < ws_words:
-            ll.store(ws + t + offs, fill, t + offs < ws_words, BACKEND)
-            t += step
 
 
 @triton.jit
@@ -418,6 +411,7 @@ def _finish(ctrl, aux, seq):
     if old == n - 1:
         tl.store(ctrl + CTRL_DONE, 0)
         tl.store(aux + AUX_TICKET, 0)
+        tl.store(aux + AUX_FAILED, 0)
         tl.store(ctrl + CTRL_SEQ, seq)
 
 

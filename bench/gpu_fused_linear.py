@@ -427,9 +427,9 @@ def _rank(rank, world, port, args):
     info["seed"] = seed
     k_total, n = (256, 64) if dry else (args.k_total, args.n)
     k = k_total // world
-    ms = (1, 8)
+    ms = tuple(int(v) for v in args.ms.split(","))
     kinds = ("bf16", "int4_g128", "int4_g32")
-    blocks_all = DRY_BLOCKS if dry else BLOCKS
+    blocks_all = DRY_BLOCKS if dry else tuple(args.variants.split(","))
     cap = 4 * max(ms) * n  # fp32 partial of the largest case
     region = None
     if dry:
@@ -556,7 +556,13 @@ def _rank(rank, world, port, args):
                   f"{len(eager)} eager{'' if dry else ' + 3 graph replays'}) ({time.time() - t:.1f}s)")
         # ---------------------------------------------------------------- b) timing
         t = time.time()
-        timer = time_eager if dry else time_graph
+        base_timer = time_eager if dry else time_graph
+
+        def timer(fn, n_inner, rounds, _t=base_timer):  # logs each point: a slow one shows
+            t_pt = time.time()
+            r_pt = _t(fn, n_inner, rounds)
+            log(rank, f"    point {r_pt['p50']:.2f} us ({time.time() - t_pt:.1f}s)")
+            return r_pt
         n_inner, rounds = (2, 2) if dry else (args.n_inner, args.rounds)
         tm = r["timing_us"] = {}
         c.refill()
@@ -565,6 +571,7 @@ def _rank(rank, world, port, args):
                 lambda blocks=blocks: ops.fused(c.x, c.weight, c.quant, c.res, c.nw, c.out,
                                                 c.res_out, blocks), n_inner, rounds)
             ops.check()
+            log(rank, f"  {name} fused {blocks}: {tm[f'ccl_fused_{blocks}']['p50']:.2f} us")
             tm[f"ccl_gemv_{blocks}"] = timer(
                 lambda blocks=blocks: ops.gemv(c.x, c.weight, c.quant, c.partial, blocks),
                 n_inner, rounds)
@@ -638,6 +645,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-inner", type=int, default=100, help="calls per captured graph")
     ap.add_argument("--rounds", type=int, default=30, help="timed replays (median)")
     ap.add_argument("--ccl-timeout", type=float, default=20.0, help="ccl wait bound (s)")
+    ap.add_argument("--ms", default="1,8", help="token counts M, comma-separated")
+    ap.add_argument("--variants", default=",".join(BLOCKS),
+                    help=f"tile variants (first = the reference for the bars): {BLOCKS}")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--timeout", type=float, default=None,
                     help="whole-run bound in s (default 240 GPU, 900 dry run)")
     ap.add_argument("--inject-failure", type=int, default=-1, help=argparse.SUPPRESS)
@@ -649,7 +660,8 @@ def main(argv=None) -> int:
     else:
         os.environ.pop("TRITON_INTERPRET", None)
     out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "bench", "results")
-    fname = "cpu-dry-run-fused-linear.json" if args.cpu_dry_run else "h200x2-fused-linear.json"
+    fname = ("cpu-dry-run-fused-linear" if args.cpu_dry_run else "h200x2-fused-linear") \
+        + (f"-{args.tag}" if args.tag else "") + ".json"
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with socket.socket() as s:
@@ -695,7 +707,8 @@ def main(argv=None) -> int:
         return 1
     res = dict(bench="gpu_fused_linear", **results[0]["info"],
                config=dict(k_total=args.k_total, n=args.n, n_inner=args.n_inner,
-                           rounds=args.rounds, blocks=DRY_BLOCKS if args.cpu_dry_run else BLOCKS,
+                           rounds=args.rounds,
+                           blocks=DRY_BLOCKS if args.cpu_dry_run else args.variants.split(","),
                            rtol=RTOL, atol=ATOL, dtype="bf16 activations / outputs",
                            weights={"bf16": "nn.Linear [N, K] passed as .t()",
                                     "int4_g128 / int4_g32": "GPTQ symmetric, bf16 scales"}),

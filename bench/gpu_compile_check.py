@@ -247,7 +247,7 @@ def _spirv_scan(spv: bytes) -> dict:
 
 # ---------------------------------------------------------------- fused linear (launchers)
 FUSED_SHAPES = dict(K=1536, N=3072, world=2)  # bench/gpu_fused_linear.py: K_total 3072 over 2
-FUSED_BLOCKS = ("default", "warps8", "bn_half", "int4_3d")  # bench/gpu_fused_linear.py variants
+FUSED_BLOCKS = ("default", "warps8", "bn_half")  # bench/gpu_fused_linear.py variants
 
 
 class _StubDriver:

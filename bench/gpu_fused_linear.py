@@ -62,7 +62,7 @@ T0 = time.time()
 # (block_n, block_k) of the fused kernel; the first is the library default (fused_linear.py).
 # Tile variants of the fused kernel around the library's defaults for each (M, weights)
 # (ccl.fused_linear.gemv_tiles); "default" goes through the public API.
-BLOCKS = ("default", "warps8", "bn_half", "int4_3d")
+BLOCKS = ("default", "warps8", "bn_half")
 DRY_BLOCKS = ("default", "bn_half")
 
 
@@ -79,8 +79,6 @@ def variant_tiles(variant, m, int4):
         return dataclasses.replace(t, num_warps=8)
     if variant == "bk_half":
         return dataclasses.replace(t, bk=max(32, t.bk // 2))
-    if variant == "int4_3d":
-        return dataclasses.replace(t, int4_3d=True)
     if variant == "bn_half":
         return dataclasses.replace(t, bn=max(16 if t.use_dot else 8, t.bn // 2))
     raise ValueError(variant)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session-3 fused-linear run (one device call): M=1 with every tile variant, M=8 with the
-# default tiles, then M=8 per variant with a short bound (diagnostic of the slow M=8 points).
+# Session-3 fused-linear runs (one device call each): M=1 with the tile variants, M=8 with the
+# default tiles (h200x2-fused-linear.json, h200x2-fused-linear-m8.json).
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,9 +14,4 @@ timeout 120 python3 bench/gpu_fused_linear.py --out "$OUT" --ms 1 --timeout 110 
 say "fused M8 default"
 timeout 100 python3 bench/gpu_fused_linear.py --out "$OUT" --ms 8 --variants default --tag m8 \
     --timeout 90 >>"$log" 2>&1 || say "rc=$?"
-for v in bn_half warps8; do
-    say "fused M8 $v (diagnostic)"
-    timeout 70 python3 bench/gpu_fused_linear.py --out "$OUT/diag" --ms 8 --variants $v --tag "m8-$v" \
-        --ccl-timeout 5 --timeout 60 >>"$log" 2>&1 || say "rc=$?"
-done
 say done

@@ -484,11 +484,6 @@ class GemvTiles:
     use_dot: bool = False
     bm: int = 1
     num_warps: int = 4
-    int4_3d: bool = False  # INT4 one-row path: unpack the 8 nibbles as one 3-D block
-
-    def int4_code(self, quant) -> int:
-        """The kernels' INT4 constexpr: 0 dense, 1 nibble by nibble, 2 one 3-D block."""
-        return 0 if quant is None else (2 if self.int4_3d else 1)
 
 
 # Defaults by (path, INT4), from bench/results/h200x2-fused-linear.json (2x H200, K 1536 per
@@ -553,7 +548,7 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
     (launch or _launch_now)(
         F.linear_kernel, ((n + t.bn - 1) // t.bn,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
-        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=t.int4_code(quant), BM=t.bm, BN=t.bn,
+        XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
         BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         num_warps=t.num_warps,
     )
@@ -578,7 +573,7 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
     (launch or _launch_now)(
         F.moe_gate_up_kernel, ((inter + t.bn - 1) // t.bn, m * topk),
         x, x.stride(0), topk_ids, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, out, k, inter,
-        TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=t.int4_code(quant), BN=t.bn,
+        TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BN=t.bn,
         BK=t.bk, num_warps=t.num_warps,
     )
     return out
@@ -626,7 +621,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         ids, tw, swe, sse,
-        XDT=code, WDT=wdt, INT4=t.int4_code(quant), BM=t.bm, BN=t.bn, BK=t.bk,
+        XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=min(block_row, _next_pow2(epi_block)),
         WORLD=dm.world_size, HAS_RES=residual is not None,

@@ -332,7 +332,7 @@ def _interp_worker(rank, world, store_path, seed, q):
                  ("bfloat16", "int4_g32", 8, 320, 40, None),
                  ("float16", "dense_nk", 6, 300, 36, None),
                  ("bfloat16", "dense_nk", 1, 96, 1100, None),
-                 ("bfloat16", "int4_g128", 1, 256, 40, GemvTiles(bn=16, bk=64, int4_3d=True))]
+                 ("bfloat16", "int4_g128", 1, 256, 40, GemvTiles(bn=16, bk=64))]
         digests = []
         for i, (dtype_name, kind, m, k, n, tiles) in enumerate(cases):
             dtype = getattr(torch, dtype_name)

@@ -101,9 +101,11 @@ class HostMailbox {
                     DType dt, Algo algo);
   // fp32 sums of every rank's payload (sources in rank order 0..N-1), handed to
   // sink(e0, e1, acc) chunk by chunk. Defined and instantiated in mailbox.cpp only.
+  // direct: optional fp32 destination of all numel sums; where the call allows a one-pass
+  // reduce (2 ranks, fp32, one-shot bulk) the sums are written there and sink is not called.
   template <typename Sink>
   int reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, int64_t numel, DType dt,
-             Algo algo, Sink&& sink);
+             Algo algo, Sink&& sink, float* direct = nullptr);
   int timeout_error(const Call& c, int waiting_on);
   uint8_t call_flags(int64_t numel, DType dt, int algo, int op_flags) const;
   float* scratch(size_t n);

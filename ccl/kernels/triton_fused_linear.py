@@ -51,20 +51,17 @@ from ccl.kernels import ll
 from ccl.kernels.triton_mailbox import (
     CTRL_DONE,
     CTRL_FAIL_SEQ,
-    CTRL_HEADERS,
-    CTRL_MISMATCH,
     CTRL_MISSING,
     CTRL_SCRATCH,
     CTRL_SEQ,
     CTRL_STATUS,
     HEADER_WORDS,
     PAYLOAD_OFFSET,
-    SCRUB_BLOCK,
-    SCRUB_MASK,
     _header,
     _load_f32,
     _load_seq,
     _ptr,
+    _record_hop1_failure,
     _scrub,
     _wait_peer,
 )
@@ -264,14 +261,7 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
         )
         got = tl.reshape(got, acc.shape)
         if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
-            bit = one << src
-            tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
-            tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
-            hm = ll.both(hl < HEADER_WORDS, st == 2)
-            tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
-            tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
-            tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
-            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
             tl.atomic_or(aux + AUX_FAILED, one)
         failed = failed | (st != 0).to(tl.int32)
         v = tl.where(is_me, acc, ll.bits_to_f32(ll.data_of(got), 0))

@@ -153,6 +153,23 @@ def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, BACKEND: tl.constexp
 
 
 @triton.jit
+def _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq):
+    """Records a failed wait on source ``src`` (``_wait_peer`` status ``st``: 1 timed out,
+    2 header mismatch, with ``theirs`` the header words received) in the control words the
+    host turns into CollectiveTimeout / CollectiveMismatch."""
+    hl = tl.arange(0, HEADER_WORDS)
+    bit = tl.full([], 1, tl.int64) << src
+    tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
+    tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
+    hm = ll.both(hl < HEADER_WORDS, st == 2)
+    tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
+    tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
+    tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
+    tl.atomic_or(ctrl + CTRL_WHERE, 1, mask=st == 1)
+    tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+
+
+@triton.jit
 def _exchange(
     w,
     wmask,
@@ -240,15 +257,7 @@ def _exchange(
             BACKEND,
         )
         if st != 0:  # uniform branch: the bookkeeping costs nothing on the fast path
-            bit = one << src
-            tl.atomic_or(ctrl + CTRL_MISSING, bit, mask=st == 1)
-            tl.atomic_or(ctrl + CTRL_MISMATCH, bit, mask=st == 2)
-            hm = ll.both(hl < HEADER_WORDS, st == 2)
-            tl.store(ctrl + CTRL_HEADERS + 4 * src + hl, ll.data_of(theirs), mask=hm)
-            tl.store(ctrl + CTRL_HEADERS + 4 * rank + hl, my_hdr, mask=hm)
-            tl.atomic_max(ctrl + CTRL_STATUS, st.to(tl.int64))
-            tl.atomic_or(ctrl + CTRL_WHERE, 1, mask=st == 1)
-            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
         failed = failed | (st != 0).to(tl.int32)
         d = ll.data_of(words)
         if WDT == 0:

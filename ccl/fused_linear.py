@@ -392,7 +392,7 @@ def linear_all_reduce_add_rms_norm(
         return out, residual_out
     comm._live()
     dm = comm._device_mailbox
-    if dm is not None and m * n <= dm.layout.cap_words and n <= _MAX_ROW and m <= _MAX_ROWS:
+    if dm is not None and device_kernel_fits(dm, m, n):
         device_linear_add_rms_norm(dm, x2, weight, quant, residual, norm_weight, eps,
                                    gemma=gemma, out=out, residual_out=residual_out)
         return out, residual_out
@@ -514,11 +514,20 @@ def _native_dot(x, wdt: int, int4: bool) -> bool:
         int4 or wdt == _DTYPE_CODES[x.dtype])
 
 
-def _routing_args(topk_ids, topk_weights, x):
-    """(ids_ptr, tw_ptr, TOPK) kernel arguments; a dummy pointer and 0 without routing."""
+def _routing_args(topk_ids, topk_weights, x, weight, quant):
+    """(ids_ptr, tw_ptr, n_experts, TOPK) kernel arguments; dummy pointers and 0s without
+    routing."""
     if topk_ids is None:
-        return x, x, 0
-    return topk_ids, topk_weights, topk_ids.shape[1]
+        return x, x, 0, 0
+    n_experts = quant.num_experts if quant is not None else weight.shape[0]
+    return topk_ids, topk_weights, n_experts, topk_ids.shape[1]
+
+
+def device_kernel_fits(dm, m: int, n: int) -> bool:
+    """Whether an [M, N] fp32 partial fits the fused device kernel on ``dm``: the mailbox
+    capacity, one epilogue program per row, at most MAX_ROWS rows (else the callers take the
+    unfused path: partial, all-reduce, norm)."""
+    return m * n <= dm.layout.cap_words and n <= _MAX_ROW and m <= _MAX_ROWS
 
 
 def _launch_now(kernel, grid, *args, **kwargs):
@@ -538,7 +547,7 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
 
     k = x.shape[1]
     w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n = _device_weight(weight, quant)
-    ids, tw, topk = _routing_args(topk_ids, topk_weights, x)
+    ids, tw, n_experts, topk = _routing_args(topk_ids, topk_weights, x, weight, quant)
     m = x.shape[0] // max(1, topk)
     if out is None:
         out = torch.empty((m, n), dtype=torch.float32, device=x.device)
@@ -548,6 +557,7 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
     (launch or _launch_now)(
         F.linear_kernel, ((n + t.bn - 1) // t.bn,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
+        n_experts,
         XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
         BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         num_warps=t.num_warps,
@@ -572,7 +582,8 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
     t = tiles or gemv_tiles(1, quant is not None, moe=True)
     (launch or _launch_now)(
         F.moe_gate_up_kernel, ((inter + t.bn - 1) // t.bn, m * topk),
-        x, x.stride(0), topk_ids, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, out, k, inter,
+        x, x.stride(0), topk_ids, w13.shape[0] if quant is None else quant.num_experts, w_ptr,
+        swe, swk, swn, s_ptr, sse, lds, group, out, k, inter,
         TOPK=topk, XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BN=t.bn,
         BK=t.bk, num_warps=t.num_warps,
     )
@@ -594,7 +605,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
     code = _DTYPE_CODES[x.dtype]
     k = x.shape[1]
     w_ptr, swe, swk, swn, s_ptr, sse, lds, group, wdt, n = _device_weight(weight, quant)
-    ids, tw, topk = _routing_args(topk_ids, topk_weights, x)
+    ids, tw, n_experts, topk = _routing_args(topk_ids, topk_weights, x, weight, quant)
     m = x.shape[0] // max(1, topk)
     if m > F.MAX_ROWS:
         raise ValueError(f"{m} rows exceed the fused kernel's {F.MAX_ROWS}")
@@ -620,7 +631,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         m, k, n, n_tiles, float(eps), state.ws,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
-        ids, tw, swe, sse,
+        ids, tw, swe, sse, n_experts,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=min(block_row, _next_pow2(epi_block)),

@@ -9,10 +9,15 @@ and the mailbox all-reduce + norm consume it without an extra pass:
   experts, dense or INT4 GPTQ weights) accumulates the weighted expert outputs straight into
   an fp32 partial, which goes through the host mailbox and the fused epilogue (one native
   call when ``_C.gemv`` is registered).
-* CUDA / XPU: the framework's expert kernel (vLLM's ``fused_experts`` on CUDA,
-  vllm-xpu-kernels' ``XpuFusedMoe`` on XPU) produces the partial; ``Communicator.
-  all_reduce_add_rms_norm`` (one device kernel) finishes. :class:`VllmExperts` wraps them
-  behind an availability check. Untested in this repository's CI (no GPU here).
+* CUDA / XPU with :class:`ExpertWeights`: Triton stand-in kernels (``ccl.kernels.
+  triton_fused_linear``): a gate/up kernel writes the SiLU-gated intermediate in x's dtype
+  (as vLLM's fused MoE does), then the routed down projection runs inside the fused
+  all-reduce + add + norm kernel, so the partial never goes through memory. CI runs them under
+  the Triton interpreter; measured on 2x H200 (bench/decode_step.py).
+* CUDA / XPU with :class:`VllmExperts`: the framework's expert kernel (vLLM's
+  ``fused_experts`` on CUDA, vllm-xpu-kernels' ``XpuFusedMoe`` on XPU) produces the partial;
+  ``Communicator.all_reduce_add_rms_norm`` (one device kernel) finishes. Untested here (no
+  vLLM on the GPU machine, no Intel GPU).
 """
 
 from __future__ import annotations
@@ -121,13 +126,15 @@ def moe_partial(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 experts: ExpertWeights, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """moe_partial(x, topk_ids, topk_weights, experts, *, out=None) -> fp32 [M, H]
 
-    This rank's MoE partial (CPU stand-in kernel; not a collective)::
+    This rank's MoE partial (stand-in kernels: C++ on the CPU, Triton on devices; not a
+    collective)::
 
         out[m] = sum_j topk_weights[m, j] * (silu(x[m] @ G_e) * (x[m] @ U_e)) @ D_e,
                  e = topk_ids[m, j]
 
-    with ``G_e, U_e = w13[e][:, :I], w13[e][:, I:]`` and ``D_e = w2[e]``; fp32 math, the
-    intermediate is not rounded. Ids outside [0, E) are skipped (expert-parallel sentinel)."""
+    with ``G_e, U_e = w13[e][:, :I], w13[e][:, I:]`` and ``D_e = w2[e]``; fp32 math. The
+    intermediate is not rounded on the CPU, and rounded to x's dtype on devices (as vLLM's
+    fused MoE). Ids outside [0, E) are skipped (expert-parallel sentinel)."""
     _code(x, "x")
     x2 = _rows(x)
     m, h = x2.shape
@@ -247,12 +254,12 @@ def _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual
     """gate/up kernel, then ONE kernel for the routed down projection + all-reduce + add +
     RMSNorm: the partial goes from the expert GEMV's registers into the mailbox, never
     through global memory as a tensor."""
-    from ccl.fused_linear import _MAX_ROW, _MAX_ROWS, device_linear_add_rms_norm
+    from ccl.fused_linear import device_kernel_fits, device_linear_add_rms_norm
 
     m, h = x2.shape
     comm._live()
     dm = comm._device_mailbox
-    if dm is None or m * h > dm.layout.cap_words or h > _MAX_ROW or m > _MAX_ROWS:
+    if dm is None or not device_kernel_fits(dm, m, h):
         partial = _device_partial(x2, topk_ids, topk_weights, experts, None)
         comm.all_reduce_add_rms_norm(partial, residual, norm_weight, eps,
                                      norm_style=NormStyle.GEMMA if gemma else NormStyle.STANDARD,

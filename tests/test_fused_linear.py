@@ -394,6 +394,9 @@ def _interp_moe(mb, rank, world, seed):
         logits = gen(seed, ("mr", j), (m, e), torch.float32)
         tw, ids = torch.topk(torch.softmax(logits, -1), topk, -1)
         tw = tw.contiguous()
+        ids[0, -1] = e  # an expert-parallel sentinel: outside [0, E), skipped
+        valid = (ids < e).float()
+        safe = ids.clamp(max=e - 1)
         parts = []
         for r in range(world):
             w13 = gen(seed, ("m13", j, r), (e, hdim, 2 * inter), torch.float32) * hdim ** -0.5
@@ -406,10 +409,10 @@ def _interp_moe(mb, rank, world, seed):
                 f13, f2 = w13.to(dtype).float(), w2.to(dtype).float()
                 args13, args2 = (f13.to(dtype), None), (f2.to(dtype), None)
             # reference: h rounded to bf16 as the kernel stores it
-            g = torch.einsum("mh,mkhi->mki", x.float(), f13[ids])
-            h = (torch.nn.functional.silu(g[..., :inter]) * g[..., inter:]).to(dtype)
-            y = torch.einsum("mki,mkih->mkh", h.float(), f2[ids])
-            parts.append((y * tw.unsqueeze(-1)).sum(1))
+            g = torch.einsum("mh,mkhi->mki", x.float(), f13[safe])
+            h = (torch.nn.functional.silu(g[..., :inter]) * g[..., inter:] * valid[..., None]).to(dtype)
+            y = torch.einsum("mki,mkih->mkh", h.float(), f2[safe])
+            parts.append((y * (tw * valid).unsqueeze(-1)).sum(1))
             if r == rank:
                 mine = (args13, args2, h)
         (w13_d, q13_m), (w2_d, q2_m), h_ref = mine

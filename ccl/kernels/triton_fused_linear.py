@@ -201,7 +201,7 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
 
 @triton.jit
 def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                 ids_ptr, tw_ptr, swe, sse,
+                 ids_ptr, tw_ptr, swe, sse, n_experts,
                  XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr):
     """Row ``m`` of this rank's fp32 partial, columns ``[n0, n0+BN)``. ``TOPK == 0``: a
@@ -216,9 +216,13 @@ def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
         for s in tl.static_range(TOPK):
             slot = m.to(tl.int64) * TOPK + s
             e = tl.load(ids_ptr + slot).to(tl.int64)
+            # ids outside [0, E) are skipped (expert-parallel sentinel, as the CPU kernel):
+            # read expert 0's memory, add nothing
+            ok = (e >= 0) & (e < n_experts)
+            e = tl.where(ok, e, 0)
             y = _gemv_row(x_ptr + slot * ldx, w_ptr + e * swe, swk, swn, s_ptr + e * sse, lds,
                           group, K, n0, N, XDT, WDT, INT4, BN, BK)
-            acc = acc + tl.load(tw_ptr + slot).to(tl.float32) * y
+            acc = acc + tl.where(ok, tl.load(tw_ptr + slot).to(tl.float32) * y, 0.0)
     return acc
 
 
@@ -297,7 +301,7 @@ def linear_add_rms_norm_kernel(
     M, K, N, n_tiles, eps, ws,
     table, ctrl, aux, rank, h0, h1, h2, h3,
     hop1_off, slot_words, hop2_off, hop2_words, limit,
-    ids_ptr, tw_ptr, swe, sse,
+    ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr,
@@ -344,7 +348,7 @@ def linear_add_rms_norm_kernel(
             m = tl.full([], 0, tl.int32)
             while m < M:
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                                   ids_ptr, tw_ptr, swe, sse, XDT, WDT, INT4, BN, BK, TOPK)
+                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
                 _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
                              ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
                              res_ptr, sums, ssp, ticket, n_tiles, XDT, HAS_RES, WORLD, BACKEND)
@@ -411,7 +415,7 @@ def _finish(ctrl, aux, seq):
 @triton.jit
 def linear_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, out_ptr, M, K, N,
-    ids_ptr, tw_ptr, swe, sse,
+    ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr,
@@ -434,32 +438,34 @@ def linear_kernel(
         m = tl.full([], 0, tl.int32)
         while m < M:
             acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                               ids_ptr, tw_ptr, swe, sse, XDT, WDT, INT4, BN, BK, TOPK)
+                               ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
             tl.store(out_ptr + m.to(tl.int64) * N + cols, acc, mask=cols < N)
             m += 1
 
 
 @triton.jit
 def moe_gate_up_kernel(
-    x_ptr, ldx, ids_ptr, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, h_ptr, K, inter,
+    x_ptr, ldx, ids_ptr, n_experts, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, h_ptr, K, inter,
     TOPK: tl.constexpr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
 ):
     """First half of a SiLU-gated MoE (the Triton stand-in for a framework's fused-MoE gate /
     up GEMM): program (j, r) computes routing slot ``r = m * TOPK + s`` columns
     ``[j*BN, (j+1)*BN)`` of ``h[r] = silu(x[m] @ W13[e][:, :I]) * (x[m] @ W13[e][:, I:])``,
-    ``e = ids[r]``, rounded to x's dtype (``h`` ``[M*TOPK, I]`` contiguous). The down
+    ``e = ids[r]`` (0 for ids outside [0, E)), rounded to x's dtype (``h`` ``[M*TOPK, I]`` contiguous). The down
     projection is ``linear_add_rms_norm_kernel`` / ``linear_kernel`` with ``TOPK``."""
     r = tl.program_id(1).to(tl.int64)
     n0 = tl.program_id(0) * BN
     e = tl.load(ids_ptr + r).to(tl.int64)
+    ok = (e >= 0) & (e < n_experts)  # else skipped: h = 0 (expert-parallel sentinel)
+    e = tl.where(ok, e, 0)
     x_row = x_ptr + (r // TOPK) * ldx
     w_e = w_ptr + e * swe
     s_e = s_ptr + e * sse
     gate = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, n0, inter, XDT, WDT, INT4, BN, BK)
     up = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, inter + n0, 2 * inter,
                    XDT, WDT, INT4, BN, BK)
-    h = gate / (1.0 + tl.exp(-gate)) * up
+    h = tl.where(ok, gate / (1.0 + tl.exp(-gate)) * up, 0.0)
     cols = n0 + tl.arange(0, BN)
     tl.store(h_ptr + r * inter + cols, ll.from_f32(h, XDT), mask=cols < inter)
 

@@ -116,6 +116,10 @@ def test_fake_impls_run_under_fake_tensor_mode():
         w = torch.empty(256, dtype=torch.bfloat16)
         assert torch.ops.ccl.all_reduce_(x, 12345) is None  # no registry lookup when fake
         assert torch.ops.ccl.all_reduce_add_rms_norm_(x, r, w, 1e-5, 12345) is None
+        lin = torch.ops.ccl.linear_all_reduce_add_rms_norm(
+            torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(256, 64, dtype=torch.bfloat16),
+            r, w, 1e-5, 12345)
+        assert lin.shape == r.shape and lin.dtype == r.dtype
 
 
 def _native_add_rms_norm(x_sum, residual, weight, eps):
@@ -149,6 +153,24 @@ def test_fallback_is_vllm_native_math(dtype):
     assert bits_equal(xx2, want_out) and bits_equal(rr2, want_res)
     assert _ops._counts["fused_fallback"] == before["fused_fallback"] + 2
     assert _ops._counts["fused"] == before["fused"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_fallback_is_vllm_math(dtype):
+    """Without ccl the GEMV-fused op is F.linear + vLLM's all-reduce + native add + norm."""
+    h = _single_rank_handle()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 48, generator=g).to(dtype)
+    lw = torch.randn(96, 48, generator=g).to(dtype)
+    res = torch.randn(4, 96, generator=g).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    want_out, want_res = _native_add_rms_norm(torch.nn.functional.linear(x, lw), res, w, 1e-5)
+    before = dict(_ops._counts)
+    rr = res.clone()
+    got = torch.ops.ccl.linear_all_reduce_add_rms_norm(x, lw, rr, w, 1e-5, h)
+    assert bits_equal(got, want_out) and bits_equal(rr, want_res)
+    assert _ops._counts["fused_gemv_fallback"] == before["fused_gemv_fallback"] + 1
+    assert _ops._counts["fused_gemv"] == before["fused_gemv"]
 
 
 def test_unknown_handle_names_the_fix():
@@ -257,6 +279,25 @@ def _rank_ops(ctx, seed, dtype_name):
     x3 = norm(parts[ctx.rank].clone())
     want3 = _FakeRMSNorm.forward(norm, ref_sum(parts))
     assert first_diff(x3, want3, **tol(dtype)) is None
+    # GEMV fusion: the linear's input and [N, K] shard, all-reduce, add, norm in one op;
+    # ccl keeps the partial in fp32 (no rounding before the all-reduce)
+    k_loc = 64
+    xs = [gen(seed, ("xg", r), (3, k_loc), dtype) for r in range(ctx.world)]
+    ws = [gen(seed, ("wg", r), (256, k_loc), dtype, scale=k_loc ** -0.5)
+          for r in range(ctx.world)]
+    partials = [xs[r].float() @ ws[r].float().t() for r in range(ctx.world)]
+    want_out, want_res = ref_add_rms_norm(partials, res.float(), w, 1e-5)
+    r4 = res.clone()
+    x4 = torch.ops.ccl.linear_all_reduce_add_rms_norm(xs[ctx.rank], ws[ctx.rank], r4, w, 1e-5, h)
+    assert first_diff(r4, want_res.to(dtype), **tol(dtype)) is None, first_diff(r4, want_res.to(dtype))
+    assert first_diff(x4, want_out.to(dtype), **tol(dtype)) is None
+    out["gemv"], out["gemv_res"] = x4, r4
+    # ... and through the fused norm class holding the linear's weight (what
+    # CCL_VLLM_FUSE_GEMV=1 installs): the norm receives the linear's input
+    norm._ccl_gemv_weight = ws[ctx.rank]
+    x5, r5 = norm(xs[ctx.rank], res.clone())
+    assert bits_equal(x5, x4) and bits_equal(r5, r4)
+    norm._ccl_gemv_weight = None
     # fused op over capacity -> fallback all-reduce + vLLM native math (bitwise)
     parts = [gen(seed, ("xb", r), (4, 1024), dtype) for r in range(ctx.world)]
     res = gen(seed, "resb", (4, 1024), dtype)
@@ -285,7 +326,8 @@ def test_ops_on_two_ranks(pools, seed, dtype_name):
     for name, t in out0.items():
         assert bits_equal(t, out1[name]), f"{name} differs across ranks"
     assert delta0 == delta1 == {"mailbox_all_reduce": 2, "fallback_all_reduce": 1, "fused": 2,
-                                "fused_fallback": 1, "rewired_pairs": 0}, delta0
+                                "fused_fallback": 1, "rewired_pairs": 0, "fused_gemv": 2,
+                                "fused_gemv_fallback": 0, "gemv_pairs": 0}, delta0
 
 
 class _FakeDeviceCommunicator:
@@ -536,6 +578,35 @@ def test_fuse_model_rewires_every_pair_once(fake_vllm):
         assert isinstance(norm, _FakeRMSNorm)
     assert type(layers[0].input_layernorm) is _FakeRMSNorm
     assert _fusion.fuse_model(m, handle=7) == 0  # second call: "already fused", no change
+
+
+class UnquantizedLinearMethod:  # the name _fusion checks (vLLM's unquantized method)
+    pass
+
+
+def test_fuse_model_moves_qualifying_gemvs(fake_vllm):
+    """gemv=True: linears with a kept weight, no bias, split input and no quantization pass
+    their input through and their norm holds the weight; the others keep their GEMV."""
+    m = _FakeForCausalLM(2)
+    layers = m.model.layers
+    lins = [layers[0].self_attn.o_proj, layers[0].mlp.down_proj, layers[1].self_attn.o_proj,
+            layers[1].mlp.down_proj]
+    for i, lin in enumerate(lins):
+        lin._ccl_weight = torch.randn(8, 4)
+        lin.bias, lin.input_is_parallel, lin.return_bias = None, True, True
+        lin.quant_method = UnquantizedLinearMethod()
+    lins[3].quant_method = object()  # quantized: stays a plain (partial-sum) linear
+    before = _ops._counts["gemv_pairs"]
+    assert _fusion.fuse_model(m, handle=3, gemv=True) == 4
+    assert _ops._counts["gemv_pairs"] == before + 3
+    x = torch.randn(2, 4)
+    for lin in lins[:3]:
+        assert isinstance(lin, _FakeRowParallelLinear) and type(lin) is not _FakeRowParallelLinear
+        out, bias = lin(x)
+        assert out is x and bias is None
+    assert type(lins[3]) is _FakeRowParallelLinear
+    assert layers[0].post_attention_layernorm._ccl_gemv_weight is lins[0]._ccl_weight
+    assert m.model.norm._ccl_gemv_weight is None
 
 
 # ============================================================================ e2e (opt-in)

@@ -14,8 +14,9 @@ creates the venv; by hand:
 --compare builds the model once, then runs this script twice in fresh processes: with the
 plugin loaded and CCL_VLLM=0 ("off"), and with CCL_VLLM=1 ("on"). It fails (exit 1) unless
 the greedy token ids are identical, the "off" run shows no trace of ccl, and the "on" run's
-workers report mailbox all-reduces > 0 and fused all-reduce+RMSNorm calls > 0. Its last line:
-    vllm-e2e: PASS tokens identical, mailbox_allreduce=N fused=M, decode ms/token off=X on=Y
+workers report mailbox all-reduces > 0 and fused all-reduce+RMSNorm calls > 0 (with
+CCL_VLLM_FUSE_GEMV=1: GEMV-fused calls > 0 and no GEMV fallbacks). Its last line:
+    vllm-e2e: PASS tokens identical, mailbox_allreduce=N fused=M fused_gemv=G, decode ms/token off=X on=Y
 
 dtype: float32 by default for --compare. ccl's fused op does the residual add and the norm
 in fp32 without rounding the all-reduced sum to the model dtype first, while vLLM's unfused
@@ -438,13 +439,19 @@ def compare(args) -> int:
     # CCL_VLLM_FUSE=0 in the environment (inherited by the runs): routing only, no fusion.
     expect_fused = os.environ.get("CCL_VLLM_FUSE", "1").strip().lower() not in (
         "0", "false", "no", "off")
+    # CCL_VLLM_FUSE_GEMV=1: the o_proj / down_proj GEMVs run inside the fused op (opt-in).
+    expect_gemv = expect_fused and os.environ.get("CCL_VLLM_FUSE_GEMV", "0").strip().lower() \
+        not in ("0", "false", "no", "off")
     for s in on["ccl_stats"] or []:
         c = s.get("counters") or {}
         if s.get("communicator") != "CclCpuCommunicator":
             failures.append(f"rank {s.get('rank')}: communicator is {s.get('communicator')}")
-        if c.get("mailbox_all_reduce", 0) <= 0 or (c.get("fused", 0) > 0) != expect_fused:
+        fused_any = c.get("fused", 0) + c.get("fused_gemv", 0)
+        if (c.get("mailbox_all_reduce", 0) <= 0 or (fused_any > 0) != expect_fused
+                or (c.get("fused_gemv", 0) > 0) != expect_gemv
+                or c.get("fused_gemv_fallback", 0) > 0):
             failures.append(f"rank {s.get('rank')}: ccl counters {c} (fusion expected: "
-                            f"{expect_fused})")
+                            f"{expect_fused}, GEMV fusion expected: {expect_gemv})")
     if not on["ccl_stats"]:
         failures.append("no counters came back from the CCL_VLLM=1 workers")
     if len(stat_files) != args.tp or not all(g["ccl"] for d in stat_files for g in d["groups"]):
@@ -460,7 +467,8 @@ def compare(args) -> int:
         print(f"# vllm-e2e: CCL_VLLM_STATS file of pid {d['pid']}: {json.dumps(d['counters'])}")
     print(f"# vllm-e2e: LLM() init s off={off['llm_init_s']} on={on['llm_init_s']}; "
           f"wall {time.perf_counter() - t0:.0f} s")
-    summary = (f"mailbox_allreduce={mailbox} fused={fused}, decode ms/token "
+    summary = (f"mailbox_allreduce={mailbox} fused={fused} "
+               f"fused_gemv={_sum(on['ccl_stats'], 'fused_gemv')}, decode ms/token "
                f"off={off['decode_ms_per_token']} on={on['decode_ms_per_token']}")
     if failures:
         for f in failures:

@@ -23,9 +23,14 @@ Anything else is left alone (the all-reduce routing still applies). Also left al
 speculative decoding (EAGLE-3 reads un-normalised hidden states between layers), pipeline
 parallelism, ``GemmaRMSNorm`` and norms with ``var_hidden_size``.
 
-Hook for a fused row-parallel GEMV (``linear_all_reduce_add_rms_norm``): :func:`_fused_layers`
-returns the validated (linear, norm) pairs; a later implementation can rewire the same pairs
-so that the linear's GEMV pushes its partial and the norm finishes the reduction.
+Fused GEMV (opt-in, ``CCL_VLLM_FUSE_GEMV=1``): for pairs whose linear is unquantized, has no
+bias and takes its input already split (``input_is_parallel``), the linear also moves into the
+norm: the linear passes its input through, and the norm calls
+``ccl::linear_all_reduce_add_rms_norm`` (``ccl.linear_all_reduce_add_rms_norm``: GEMV + fp32
+all-reduce + add + RMSNorm in one call). vLLM's CPU weight dispatch drops ``layer.weight``
+after repacking it, so the plugin keeps a reference to the unpacked weight of every
+row-parallel layer at load time (``_plugin._keep_row_parallel_weights``): those layers' weights
+are held twice (vLLM's packed copy stays unused).
 """
 
 import logging
@@ -163,8 +168,20 @@ def _fused_norm_cls(base: type) -> type:
 
     def forward(self, x, residual=None):
         handle, weight, eps = self._ccl_handle, self.weight.data, self.variance_epsilon
+        linear_w = getattr(self, "_ccl_gemv_weight", None)
+        if linear_w is not None and residual is not None:  # x is the linear's input
+            if torch.compiler.is_compiling():
+                out = torch.ops.ccl.linear_all_reduce_add_rms_norm(
+                    x, linear_w, residual, weight, eps, handle)
+            else:
+                out = _ops.linear_all_reduce_add_rms_norm(x, linear_w, residual, weight, eps,
+                                                          handle)
+            return out, residual
         if residual is None:
-            # Not the call form this norm was paired for: all-reduce, then the plain norm.
+            # Not the call form this norm was paired for: (the linear's GEMV,) all-reduce,
+            # then the plain norm.
+            if linear_w is not None:
+                x = torch.nn.functional.linear(x, linear_w)
             if torch.compiler.is_compiling():
                 torch.ops.ccl.all_reduce_(x, handle)
             else:
@@ -187,7 +204,39 @@ def _fused_norm_cls(base: type) -> type:
     return cls
 
 
-def fuse_model(model, handle: int, vllm_config=None) -> int:
+def _gemv_weight(linear) -> torch.Tensor | None:
+    """The kept ``[N, K]`` weight when the linear's GEMV can move into its norm, else None."""
+    w = getattr(linear, "_ccl_weight", None)
+    if (
+        w is None
+        or w.dim() != 2
+        or w.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        or getattr(linear, "bias", None) is not None
+        or not getattr(linear, "input_is_parallel", False)
+        or type(getattr(linear, "quant_method", None)).__name__ != "UnquantizedLinearMethod"
+    ):
+        return None
+    return w
+
+
+_pass_classes: dict[type, type] = {}
+
+
+def _pass_through_cls(base: type) -> type:
+    """``base`` (RowParallelLinear) whose forward hands its input to the paired norm."""
+    cls = _pass_classes.get(base)
+    if cls is None:
+        def forward(self, input_):
+            return (input_, None) if self.return_bias else input_
+
+        name = f"CclPassThrough{base.__name__}"
+        cls = _pass_classes[base] = type(name, (base,), {
+            "forward": forward, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"{base.__name__} whose GEMV runs in the paired norm (ccl)."})
+    return cls
+
+
+def fuse_model(model, handle: int, vllm_config=None, gemv: bool = False) -> int:
     """fuse_model(model, handle, vllm_config=None) -> number of fused pairs
 
     Rewires ``model`` in place (module docstring) so that each pair's all-reduce runs as
@@ -205,11 +254,20 @@ def fuse_model(model, handle: int, vllm_config=None) -> int:
             "through ccl; set CCL_VLLM_FUSE=0 to silence)", type(model).__name__, reason,
         )
         return 0
+    n_gemv = 0
     for p in pairs:
         p.linear.reduce_results = False
         p.norm._ccl_handle = handle
+        p.norm._ccl_gemv_weight = _gemv_weight(p.linear) if gemv else None
+        if p.norm._ccl_gemv_weight is not None:
+            p.linear.__class__ = _pass_through_cls(type(p.linear))
+            n_gemv += 1
         p.norm.__class__ = _fused_norm_cls(type(p.norm))
     _ops._counts["rewired_pairs"] += len(pairs)
+    _ops._counts["gemv_pairs"] += n_gemv
+    if gemv and n_gemv < len(pairs):
+        logger.warning("ccl_vllm: GEMV fusion for %d of %d pairs (the others: quantized, "
+                       "bias, or no kept weight)", n_gemv, len(pairs))
     logger.info(
         "ccl_vllm: fused all-reduce + add + RMSNorm for %d pairs of %s (o_proj -> "
         "post_attention_layernorm, down_proj -> next input_layernorm / model.norm)",

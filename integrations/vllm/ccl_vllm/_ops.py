@@ -40,6 +40,7 @@ __all__ = [
     "add_rms_norm_native_",
     "all_reduce_",
     "all_reduce_add_rms_norm_",
+    "linear_all_reduce_add_rms_norm",
     "remove_communicator",
     "stats",
     "write_stats",
@@ -55,6 +56,9 @@ _counts = {
     "fused": 0,  # ccl::all_reduce_add_rms_norm_ carried by ccl's fused op
     "fused_fallback": 0,  # ... run as vLLM all-reduce + native add + RMSNorm
     "rewired_pairs": 0,  # (row-parallel linear, RMSNorm) pairs fused at model load
+    "fused_gemv": 0,  # ccl::linear_all_reduce_add_rms_norm carried by ccl (GEMV included)
+    "fused_gemv_fallback": 0,  # ... run as F.linear + vLLM all-reduce + native add + RMSNorm
+    "gemv_pairs": 0,  # pairs whose GEMV moved into the norm at model load
 }
 
 
@@ -179,6 +183,46 @@ def all_reduce_add_rms_norm_(
         _counts["fused_fallback"] += 1
 
 
+def linear_all_reduce_add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+    eps: float, handle: int
+) -> torch.Tensor:
+    """linear_all_reduce_add_rms_norm(x, weight, residual, norm_weight, eps, handle) -> out
+
+    A row-parallel linear (``weight`` ``[N, K]``, nn.Linear layout, this rank's shard; ``x``
+    ``[M, K]``) whose output is all-reduced and then goes through ``fused_add_rms_norm``:
+    ``residual <- sum_r x_r @ weight_r.T + residual`` (in place), returns the normed rows.
+    Through ccl: ``ccl.linear_all_reduce_add_rms_norm`` (GEMV, fp32 partial, no
+    intermediate rounding). Through the fallback: ``F.linear``, vLLM's all-reduce, native
+    add + RMSNorm. This is a collective operation."""
+    e = _entry(handle)
+    comm = e.comm
+    if (
+        comm is not None
+        and x.dim() == 2
+        and residual.numel() > 0  # (over the mailbox capacity ccl delegates by itself)
+        and x.dtype in _DTYPES
+        and (x.is_cpu if e.host else x.device.type == e.device_type)
+        and x.stride(-1) == 1
+        and weight.dtype == x.dtype
+        and residual.dtype == x.dtype
+        and residual.is_contiguous()
+        and norm_weight.dtype == x.dtype
+    ):
+        import ccl
+
+        out = torch.empty_like(residual)
+        ccl.linear_all_reduce_add_rms_norm(comm, x, weight.t(), residual, norm_weight, eps,
+                                           out=out, residual_out=residual)
+        _counts["fused_gemv"] += 1
+        return out
+    y = torch.nn.functional.linear(x, weight).contiguous()
+    e.fallback(y)
+    add_rms_norm_native_(y, residual, norm_weight, eps)
+    _counts["fused_gemv_fallback"] += 1
+    return y
+
+
 def add_rms_norm_native_(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> None:
@@ -204,6 +248,12 @@ _lib.define(
 # GPU communicator exists); the impl dispatches on the registered communicator itself.
 _lib.impl("all_reduce_", all_reduce_, "CompositeExplicitAutograd")
 _lib.impl("all_reduce_add_rms_norm_", all_reduce_add_rms_norm_, "CompositeExplicitAutograd")
+_lib.define(
+    "linear_all_reduce_add_rms_norm(Tensor x, Tensor weight, Tensor(a!) residual, "
+    "Tensor norm_weight, float eps, int handle) -> Tensor"
+)
+_lib.impl("linear_all_reduce_add_rms_norm", linear_all_reduce_add_rms_norm,
+          "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("ccl::all_reduce_", lib=_lib)
@@ -214,6 +264,11 @@ def _all_reduce_fake(x, handle):
 @torch.library.register_fake("ccl::all_reduce_add_rms_norm_", lib=_lib)
 def _all_reduce_add_rms_norm_fake(x, residual, weight, eps, handle):
     return None
+
+
+@torch.library.register_fake("ccl::linear_all_reduce_add_rms_norm", lib=_lib)
+def _linear_all_reduce_add_rms_norm_fake(x, weight, residual, norm_weight, eps, handle):
+    return torch.empty_like(residual)
 
 
 # ---------------------------------------------------------------------- counters

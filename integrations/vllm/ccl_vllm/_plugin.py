@@ -21,8 +21,18 @@ import os
 logger = logging.getLogger("vllm.ccl_vllm")
 
 
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
 def _fuse_enabled() -> bool:
-    return os.environ.get("CCL_VLLM_FUSE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _flag("CCL_VLLM_FUSE", "1")
+
+
+def _gemv_enabled() -> bool:
+    """CCL_VLLM_FUSE_GEMV=1: the row-parallel GEMVs move into the fused norms too (opt-in:
+    their weights are then held twice, see _fusion)."""
+    return _fuse_enabled() and _flag("CCL_VLLM_FUSE_GEMV", "0")
 
 
 def install() -> None:
@@ -43,6 +53,8 @@ def install() -> None:
     platform_cls.get_device_communicator_cls = classmethod(lambda cls: ours)
     if fuse:
         _wrap_load_model()
+    if _gemv_enabled():
+        _keep_row_parallel_weights()
     _key_compile_cache(fuse)
     atexit.register(_write_stats_at_exit)
     logger.info(
@@ -84,7 +96,23 @@ def _maybe_fuse(model, vllm_config) -> int:
             getattr(comm, "_ccl_off_reason", None) or type(comm).__name__,
         )
         return 0
-    return _fusion.fuse_model(model, comm._ccl_handle, vllm_config)
+    return _fusion.fuse_model(model, comm._ccl_handle, vllm_config, gemv=_gemv_enabled())
+
+
+def _keep_row_parallel_weights() -> None:
+    """Keeps a reference to each RowParallelLinear's unpacked weight (``layer._ccl_weight``)
+    before vLLM's CPU GEMM dispatch repacks it and drops ``layer.weight``."""
+    from vllm.model_executor.layers.linear import RowParallelLinear, UnquantizedLinearMethod
+
+    orig = UnquantizedLinearMethod.process_weights_after_loading
+
+    @functools.wraps(orig)
+    def process_weights_after_loading(self, layer):
+        if isinstance(layer, RowParallelLinear):
+            layer._ccl_weight = layer.weight.detach()
+        return orig(self, layer)
+
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
 
 
 def _key_compile_cache(fuse: bool) -> None:
@@ -101,9 +129,11 @@ def _key_compile_cache(fuse: bool) -> None:
         factors = orig()
         factors["CCL_VLLM"] = "1"
         factors["CCL_VLLM_FUSE"] = "1" if fuse else "0"
+        factors["CCL_VLLM_FUSE_GEMV"] = "1" if _gemv_enabled() else "0"
         factors["ccl_vllm_state"] = (
             f"ccl_groups={sum(e.comm is not None for e in _ops._entries)},"
-            f"fused_pairs={_ops._counts['rewired_pairs']}"
+            f"fused_pairs={_ops._counts['rewired_pairs']},"
+            f"gemv_pairs={_ops._counts['gemv_pairs']}"
         )
         return factors
 

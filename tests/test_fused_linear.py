@@ -435,6 +435,16 @@ def _interp_moe(mb, rank, world, seed):
     return out_digests
 
 
+def test_row_limit_matches_the_kernel():
+    """ccl.fused_linear keeps its own copy of the kernel's MAX_ROWS (no Triton import at
+    import time): they must agree, or the counters in aux overflow."""
+    pytest.importorskip("triton")
+    from ccl import fused_linear
+    from ccl.kernels import triton_fused_linear
+
+    assert fused_linear._MAX_ROWS == triton_fused_linear.MAX_ROWS
+
+
 def test_triton_fused_linear_interpret(tmp_path, seed):
     pytest.importorskip("triton")
     ctx = mp.get_context("spawn")

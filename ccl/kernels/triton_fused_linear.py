@@ -251,7 +251,8 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
                                                                flag), wmask, BACKEND)
     ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
     me = _ptr(table, rank)
-    failed = tl.load(aux + AUX_FAILED, volatile=True).to(tl.int32)  # an earlier tile failed
+    # an earlier tile failed: skip the waits (polled like the inbox: L1 bypassed on XPU too)
+    failed = ll.load(aux + AUX_FAILED, tl.full([], 1, tl.int1), BACKEND).to(tl.int32)
     total = tl.zeros(acc.shape, tl.float32)
     for src in tl.static_range(WORLD):
         is_me = rank == src
@@ -371,7 +372,7 @@ def linear_add_rms_norm_kernel(
             done = ll.load(cnt, yes, BACKEND)
             spins += 1
         done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-        ok = (done >= n_tiles) & (tl.load(aux + AUX_FAILED, volatile=True) == 0)
+        ok = (done >= n_tiles) & (ll.load(aux + AUX_FAILED, yes, BACKEND) == 0)
         if done < n_tiles:  # only after a tile's own bounded waits: record, never hang
             tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
             tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)

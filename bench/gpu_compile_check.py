@@ -405,6 +405,8 @@ def run_fused(target, quick, backends, rows):
                 ptx = k.asm.get("ptx", "")
                 row["ld_volatile"] = ptx.count("ld.volatile")
                 row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
+                # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
+                row["warp_max"] = ptx.count("redux.sync.max")
             except Exception as e:  # noqa: BLE001 - reported
                 failed += 1
                 row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
@@ -449,6 +451,8 @@ def main(argv=None) -> int:
                 ptx = k.asm.get("ptx", "")
                 row["ld_volatile"] = ptx.count("ld.volatile")
                 row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
+                # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
+                row["warp_max"] = ptx.count("redux.sync.max")
                 row["st_global_b64"] = ptx.count("st.global.b64") + ptx.count("st.global.v2.b64")
         except Exception as e:  # noqa: BLE001 - reported
             failed += 1

@@ -213,7 +213,9 @@ class DeviceMailbox:
                 "DeviceMailbox on 'cpu' runs the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before ccl.kernels.triton_mailbox is imported (or use the host Communicator)"
             )
-        self.backend = ll.backend_for(self.device.type, backend)
+        # CCL_LL_VARIANT (cuda, cuda_fenced, cuda_xchg, xpu, xpu_atomic) picks
+        # the publish/poll variant of ccl.kernels.ll when the caller does not.
+        self.backend = ll.backend_for(self.device.type, backend or os.environ.get("CCL_LL_VARIANT") or None)
         self.rank = rank
         self.world_size = world_size
         self.layout = DeviceLayout.make(world_size, capacity_bytes)
@@ -302,6 +304,16 @@ class DeviceMailbox:
         between calls. Jumping is only safe to a point at most 2^31 calls past the last
         scrub (calls with ``seq % 2^31 < 2``), as in a real run."""
         self._live()[_CTRL_SEQ].fill_(int(seq) & ((1 << 63) - 1))
+
+    def wait_stats(self) -> dict:
+        """Diagnostics since the last call, then cleared (synchronises): the most polls one
+        hop-1 wait took (``max_spins``; the bound is :attr:`limit`) and how many waits took
+        more than ~1 ms (``long_waits``)."""
+        ctrl = self._live()
+        lo, hi = K.CTRL_MAX_SPINS.value, K.CTRL_LONG_WAITS.value
+        v = [int(x) for x in ctrl[lo : hi + 1].cpu().tolist()]
+        ctrl[lo : hi + 1].zero_()
+        return dict(max_spins=v[0], long_waits=v[1], limit=self.limit)
 
     def check(self) -> DeviceStatus:
         """Status recorded since the last check, then cleared (synchronises)."""

@@ -432,6 +432,9 @@ def test_kernels_compile_for_cuda():
     assert rows and all(row["ok"] for row in rows)
     # Publishes are strong system-scope stores and polls volatile loads (ccl/kernels/ll.py).
     assert all(row["st_relaxed_sys"] > 0 and row["ld_volatile"] > 0 for row in rows), rows
+    # Every spin loop's exit is agreed across warps (ll.all_warps_max): a block replicated
+    # across warps polled per warp made warps leave a loop at different polls on 2x H200.
+    assert all(row["warp_max"] > 0 for row in rows), rows
 
 
 @pytest.mark.skipif(

@@ -77,6 +77,7 @@ __all__ = [
     "BACKEND_XPU",
     "BACKEND_XPU_ATOMIC",
     "BACKEND_INTERPRET",
+    "all_warps_max",
     "backend_for",
 ]
 
@@ -213,6 +214,25 @@ def load(ptr, mask, BACKEND: tl.constexpr):
     return w
 
 
+# Spin-loop control must be the same in every warp of a program. A block smaller than the
+# program's threads (a 4-word header, a 2-word qk exchange, a 16-column tile) is replicated
+# across warps, and each warp polls its own copy at its own time: warps then disagree on
+# "ready", leave a spin loop at different polls, and the barriers of the loop's block
+# reductions go out of step (2x H200: one program kept spinning to its bound with the other
+# warps gone, a ~limit-long stall with no status; and blocks summed from stale words).
+# A reduction over a block spread over all threads (no replica: 2048 lanes cover 16 warps
+# even at 4 lanes per thread) is Triton's cross-warp exchange.
+UNIFORM_LANES = tl.constexpr(2048)
+
+
+@triton.jit
+def all_warps_max(x):
+    """The largest value of the int32 scalar ``x`` over every warp of the program: the same
+    in all warps (see UNIFORM_LANES)."""
+    lanes = tl.arange(0, UNIFORM_LANES)
+    return tl.max(tl.where(lanes < UNIFORM_LANES, x, 0), 0)
+
+
 @triton.jit
 def wait(ptr_a, mask_a, ptr_b, mask_b, flag, limit, BACKEND: tl.constexpr):
     """Bounded spin until every packet of the two blocks (a, b: any shapes) carries ``flag``.
@@ -224,14 +244,18 @@ def wait(ptr_a, mask_a, ptr_b, mask_b, flag, limit, BACKEND: tl.constexpr):
     wb = load(ptr_b, mask_b, BACKEND)
     ra = (flag_of(wa) == flag) | (mask_a == 0)
     rb = (flag_of(wb) == flag) | (mask_b == 0)
-    pending = tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
+    pending = all_warps_max(
+        tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
+    )
     spins = 0
     while (pending > 0) & (spins < limit):
         wa = tl.where(ra, wa, load(ptr_a, mask_a & (ra == 0), BACKEND))
         wb = tl.where(rb, wb, load(ptr_b, mask_b & (rb == 0), BACKEND))
         ra = (flag_of(wa) == flag) | (mask_a == 0)
         rb = (flag_of(wb) == flag) | (mask_b == 0)
-        pending = tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
+        pending = all_warps_max(
+            tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
+        )
         spins += 1
     return wa, wb, pending == 0
 

@@ -252,7 +252,9 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
     ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
     me = _ptr(table, rank)
     # an earlier tile failed: skip the waits (polled like the inbox: L1 bypassed on XPU too)
-    failed = ll.load(aux + AUX_FAILED, tl.full([], 1, tl.int1), BACKEND).to(tl.int32)
+    failed = ll.all_warps_max(
+        ll.load(aux + AUX_FAILED, tl.full([], 1, tl.int1), BACKEND).to(tl.int32)
+    )
     total = tl.zeros(acc.shape, tl.float32)
     for src in tl.static_range(WORLD):
         is_me = rank == src
@@ -262,7 +264,7 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
         got, theirs, st = _wait_peer(
             tl.reshape(slot + PAYLOAD_OFFSET + words, [NW]),
             tl.reshape(ll.both(wmask, is_me == 0), [NW]), slot,
-            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, BACKEND,
+            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, ctrl, BACKEND,
         )
         got = tl.reshape(got, acc.shape)
         if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
@@ -372,7 +374,9 @@ def linear_add_rms_norm_kernel(
             done = ll.load(cnt, yes, BACKEND)
             spins += 1
         done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-        ok = (done >= n_tiles) & (ll.load(aux + AUX_FAILED, yes, BACKEND) == 0)
+        ok = (done >= n_tiles) & (
+            ll.all_warps_max(ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)) == 0
+        )
         if done < n_tiles:  # only after a tile's own bounded waits: record, never hang
             tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
             tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)

@@ -59,9 +59,14 @@ CTRL_SCRATCH = tl.constexpr(5)  # target of the release-fence atomics
 CTRL_WHERE = tl.constexpr(6)  # bit 0: a hop-1/header wait expired, bit 1: a hop-2 wait expired
 CTRL_FAIL_SEQ = tl.constexpr(7)  # largest sequence number of a call that failed
 CTRL_HEADERS = tl.constexpr(8)  # [64][4] headers received from mismatching ranks
-CTRL_WORDS = 8 + 4 * 64
+# Diagnostics (never reset by kernels; DeviceMailbox.wait_stats reads and clears them):
+CTRL_MAX_SPINS = tl.constexpr(8 + 4 * 64)  # most polls any hop-1 wait took
+CTRL_LONG_WAITS = tl.constexpr(8 + 4 * 64 + 1)  # hop-1 waits longer than LONG_WAIT_SPINS polls
+CTRL_WORDS = 8 + 4 * 64 + 8
+LONG_WAIT_SPINS = tl.constexpr(4096)  # ~1 ms on H200
 
 HEADER_WORDS = tl.constexpr(4)  # csrc/common/ll_packet.h kHeaderWords
+MISMATCH = tl.constexpr(1 << 30)  # _wait_peer's poll code for "a header differs"
 PAYLOAD_OFFSET = tl.constexpr(16)  # payload packets start 128 bytes into a hop-1 slot
 SCRUB_MASK = tl.constexpr(0x7FFFFFFF)  # scrub when (seq & mask) < 2, as the C++ code
 SCRUB_BLOCK = tl.constexpr(256)
@@ -127,7 +132,7 @@ def _header(h0, h1, h2, h3):
 
 
 @triton.jit
-def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, BACKEND: tl.constexpr):
+def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, ctrl, BACKEND: tl.constexpr):
     """Bounded spin on one source's payload words and header. Returns (words, header words,
     status): 0 ready, 1 timed out, 2 the header differs from ours (stops at once). One block
     reduction per poll for the payload and one for the header (a header lane counts 1 while
@@ -138,17 +143,24 @@ def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, BACKEND: tl.constexp
     rw = (ll.flag_of(w) == flag) | (mask == 0)
     rh = (ll.flag_of(h) == flag) | (hmask == 0)
     hs = tl.sum(tl.where(rh, tl.where(hmask & (ll.data_of(h) != my_hdr), 16, 0), 1), 0)
-    pending = tl.sum((rw == 0).to(tl.int32), 0) + hs
+    # One uniform word per poll (ll.all_warps_max): a mismatch in any warp's copy of the
+    # header (MISMATCH), else the most words still missing in any warp's copy.
+    code = ll.all_warps_max(tl.where(hs >= 16, MISMATCH, tl.sum((rw == 0).to(tl.int32), 0) + hs))
     spins = 0
-    while (pending > 0) & (hs < 16) & (spins < limit):
+    while (code > 0) & (code < MISMATCH) & (spins < limit):
         w = tl.where(rw, w, ll.load(ptr, mask & (rw == 0), BACKEND))
         h = tl.where(rh, h, ll.load(hptr + hl, hmask & (rh == 0), BACKEND))
         rw = (ll.flag_of(w) == flag) | (mask == 0)
         rh = (ll.flag_of(h) == flag) | (hmask == 0)
         hs = tl.sum(tl.where(rh, tl.where(hmask & (ll.data_of(h) != my_hdr), 16, 0), 1), 0)
-        pending = tl.sum((rw == 0).to(tl.int32), 0) + hs
+        code = ll.all_warps_max(
+            tl.where(hs >= 16, MISMATCH, tl.sum((rw == 0).to(tl.int32), 0) + hs)
+        )
         spins += 1
-    status = tl.where(hs >= 16, 2, tl.where(pending > 0, 1, 0))
+    status = tl.where(code >= MISMATCH, 2, tl.where(code > 0, 1, 0))
+    if spins > LONG_WAIT_SPINS:  # uniform branch, off the fast path
+        tl.atomic_max(ctrl + CTRL_MAX_SPINS, spins.to(tl.int64))
+        tl.atomic_add(ctrl + CTRL_LONG_WAITS, 1)
     return w, h, status
 
 
@@ -254,6 +266,7 @@ def _exchange(
             my_hdr,
             flag,
             lim,
+            ctrl,
             BACKEND,
         )
         if st != 0:  # uniform branch: the bookkeeping costs nothing on the fast path
@@ -514,12 +527,12 @@ def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
     j = tl.arange(0, 2 * SPLIT)
     w = ll.load(base + j, j < 2 * SPLIT, BACKEND)
     ready = (ll.flag_of(w) == flag) & ((ll.data_of(w) & mark) != 0)
-    pending = tl.sum((ready == 0).to(tl.int32), 0)
+    pending = ll.all_warps_max(tl.sum((ready == 0).to(tl.int32), 0))
     spins = 0
     while (pending > 0) & (spins < limit):
         w = tl.where(ready, w, ll.load(base + j, ready == 0, BACKEND))
         ready = (ll.flag_of(w) == flag) & ((ll.data_of(w) & mark) != 0)
-        pending = tl.sum((ready == 0).to(tl.int32), 0)
+        pending = ll.all_warps_max(tl.sum((ready == 0).to(tl.int32), 0))
         spins += 1
     if pending > 0:  # a sibling program never published: it is stuck on a peer (recorded)
         tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))

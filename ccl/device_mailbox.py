@@ -235,21 +235,19 @@ class DeviceMailbox:
         #: are ~10% faster from 8 KB to 256 KB, h200x2.json, but 1024 is the configuration
         #: validated over 100k graph-replayed ops; CCL_DEVICE_MAX_BLOCK=256 opts in)
         self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
-        #: fused norm: payload words per program when a row is split over programs (CUDA);
-        #: 0 (default) keeps one program per row. 256 is 1.9x faster at 8x7168 on 2x H200
-        #: but hung twice in graph-replay validation (3x1001 rows; open bug, docs/TRITON.md),
-        #: so it is opt-in: CCL_DEVICE_NORM_CHUNK=256.
-        self.norm_chunk = int(os.environ.get("CCL_DEVICE_NORM_CHUNK", "0"))
+        #: fused norm: payload words per program when a row is split over programs (CUDA;
+        #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
+        #: on 2x H200. (Its session-2 hangs were the per-warp spin exits, docs/TRITON.md.)
+        self.norm_chunk = int(os.environ.get("CCL_DEVICE_NORM_CHUNK", "256"))
         #: fused norm: warps per program (0: chosen from the block; a bench knob)
         self.norm_warps = int(os.environ.get("CCL_DEVICE_NORM_WARPS", "0"))
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
-        #: Two-shot on CUDA gave wrong 16-bit results on 2x H200 (docs/TRITON.md, open):
-        #: until it is fixed a two-shot request runs one-shot there (same result by
-        #: definition, decided identically on every rank). CCL_DEVICE_TWO_SHOT=1 opts in.
-        self.two_shot_enabled = (
-            self.device.type != "cuda" or os.environ.get("CCL_DEVICE_TWO_SHOT") == "1"
-        )
+        #: Two-shot on CUDA: its session-1/2 wrong 16-bit results were the per-warp spin exits
+        #: (docs/TRITON.md, session 4; 100k graph-replayed one- and two-shot ops since, 0
+        #: mismatches). CCL_DEVICE_TWO_SHOT=0 turns it off (requests then run one-shot: the
+        #: same result by definition, decided identically on every rank).
+        self.two_shot_enabled = os.environ.get("CCL_DEVICE_TWO_SHOT", "1") != "0"
         if not self.two_shot_enabled:
             logger.info(
                 "ccl: device two-shot disabled on CUDA (open bug, docs/TRITON.md); "

@@ -220,9 +220,9 @@ def load(ptr, mask, BACKEND: tl.constexpr):
 # "ready", leave a spin loop at different polls, and the barriers of the loop's block
 # reductions go out of step (2x H200: one program kept spinning to its bound with the other
 # warps gone, a ~limit-long stall with no status; and blocks summed from stale words).
-# A reduction over a block spread over all threads (no replica: 2048 lanes cover 16 warps
-# even at 4 lanes per thread) is Triton's cross-warp exchange.
-UNIFORM_LANES = tl.constexpr(2048)
+# A reduction over a block spread over all threads (no replica: 512 lanes cover the 16 warps
+# of the largest programs, one lane per thread) is Triton's cross-warp exchange.
+UNIFORM_LANES = tl.constexpr(512)
 
 
 @triton.jit

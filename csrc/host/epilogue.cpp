@@ -44,7 +44,8 @@ struct F16 {
 constexpr int kLanes = 16;
 
 // Sum of v[j]^2 with kLanes independent partial sums combined pairwise: vectorisable, and
-// the same order on every rank.
+// the same order on every rank. mailbox.cpp's fused 2-rank fp32 add_rms_norm
+// (add_res_sumsq_f32_avx2) reproduces this exact order: change both together.
 inline float sum_squares(const float* v, int64_t n) {
   float part[kLanes] = {};
   int64_t j = 0;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -243,6 +244,59 @@ const bool kHaveAvx2 = [] {
 }();
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// Fused 2-rank fp32 add_rms_norm body, per 16-element group: r = (x0 + x1) [+ res], stored to
+// ro, and part[l] += r[l]^2 for lanes l = 0..15 (part[0..7] and part[8..15] are the two
+// vectors). That is exactly the order of epilogue.cpp's sum_squares (16 lanes, element j of a
+// row into lane j % 16, in increasing j), so the bits are the same. n is a multiple of 16.
+__attribute__((target("avx2"))) void add_res_sumsq_f32_avx2(const float* x0, const float* x1,
+                                                            const float* res, float* ro,
+                                                            int64_t n, float* part) {
+  __m256 p0 = _mm256_loadu_ps(part), p1 = _mm256_loadu_ps(part + 8);
+  if (res != nullptr) {
+    for (int64_t i = 0; i < n; i += 16) {
+      __m256 r0 = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x0 + i), _mm256_loadu_ps(x1 + i)),
+                                _mm256_loadu_ps(res + i));
+      __m256 r1 = _mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(x0 + i + 8), _mm256_loadu_ps(x1 + i + 8)),
+          _mm256_loadu_ps(res + i + 8));
+      _mm256_storeu_ps(ro + i, r0);
+      _mm256_storeu_ps(ro + i + 8, r1);
+      p0 = _mm256_add_ps(p0, _mm256_mul_ps(r0, r0));
+      p1 = _mm256_add_ps(p1, _mm256_mul_ps(r1, r1));
+    }
+  } else {
+    for (int64_t i = 0; i < n; i += 16) {
+      __m256 r0 = _mm256_add_ps(_mm256_loadu_ps(x0 + i), _mm256_loadu_ps(x1 + i));
+      __m256 r1 = _mm256_add_ps(_mm256_loadu_ps(x0 + i + 8), _mm256_loadu_ps(x1 + i + 8));
+      _mm256_storeu_ps(ro + i, r0);
+      _mm256_storeu_ps(ro + i + 8, r1);
+      p0 = _mm256_add_ps(p0, _mm256_mul_ps(r0, r0));
+      p1 = _mm256_add_ps(p1, _mm256_mul_ps(r1, r1));
+    }
+  }
+  _mm256_storeu_ps(part, p0);
+  _mm256_storeu_ps(part + 8, p1);
+}
+
+// out[j] = (r[j] * inv) * (w[j] + offset), as epilogue.cpp's add_rms_norm_rows (fp32).
+__attribute__((target("avx2"))) void scale_row_f32_avx2(const float* r, const float* w,
+                                                        float* out, int64_t n, float inv,
+                                                        float offset) {
+  const __m256 vi = _mm256_set1_ps(inv), vo = _mm256_set1_ps(offset);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m256 a0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + j), vi),
+                              _mm256_add_ps(_mm256_loadu_ps(w + j), vo));
+    __m256 a1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + j + 8), vi),
+                              _mm256_add_ps(_mm256_loadu_ps(w + j + 8), vo));
+    _mm256_storeu_ps(out + j, a0);
+    _mm256_storeu_ps(out + j + 8, a1);
+  }
+  for (; j < n; ++j) out[j] = (r[j] * inv) * (w[j] + offset);
+}
+#endif
+
 inline void add_f32(const float* a, const float* b, float* o, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (kHaveAvx2) return add_f32_avx2(a, b, o, n);
@@ -298,6 +352,28 @@ inline void accumulate_raw(const uint8_t* src, int64_t count, DType dt, bool fir
       break;
     }
   }
+}
+
+// Fused add_rms_norm reader: prefetches the data of chunks [*done, ...) whose flag already
+// carries `flag` and advances *done past them. The peer has usually published its whole payload
+// by the time we read it (it pushes before it waits for headers), and one burst of prefetches
+// keeps more cross-core line transfers in flight than the fused loop alone, whose loads are
+// mixed with adds, stores and the sum-of-squares chain (1x4096 fp32 on the 2-core CI VM: about
+// -0.2 us p50). Only used up to kPrefetchMaxBytes (where it was measured); for the plain
+// all-reduce loop it measured within noise. Reads only, so results are unchanged.
+constexpr size_t kPrefetchMaxBytes = 32 * 1024;
+inline void prefetch_ready_chunks(const LL8Packet* flags, const uint8_t* data, int64_t words,
+                                  uint32_t flag, int64_t* done) {
+#if defined(__x86_64__) || defined(__i386__)
+  const int64_t nchunks = (words + static_cast<int64_t>(kChunkWords) - 1) / kChunkWords;
+  int64_t k = *done;
+  while (k < nchunks && LL8Packet::flag_of(flags[k].load()) == flag) ++k;
+  const int64_t b0 = *done * static_cast<int64_t>(kChunkWords) * 4;
+  const int64_t b1 = std::min<int64_t>(words, k * static_cast<int64_t>(kChunkWords)) * 4;
+  for (int64_t o = b0; o < b1; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(data + o), _MM_HINT_T0);
+  *done = k;
+#endif
 }
 
 // Bulk protocol: raw bytes of payload words [w0, w1) go to the slot's data area (offset
@@ -601,6 +677,17 @@ int HostMailbox::add_rms_norm(uintptr_t x_p, uintptr_t residual_p, uintptr_t wei
       call_flags(n, dt, algo, (residual_p ? kHdrResidual : 0) | (gemma ? kHdrGemma : 0));
   const OpHeader hdr =
       make_header(OpCode::kAddRmsNorm, dt, flags, n, static_cast<uint32_t>(cols), eps);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHaveAvx2 && world_ == 2 && dt == DType::kFloat32 &&
+      algo == static_cast<int>(Algo::kOneShot) && (flags & kHdrBulk) && residual_out_p != 0 &&
+      cols % 16 == 0 && rows > 0)
+    return add_rms_norm_2rank_f32(c, hdr, reinterpret_cast<const float*>(x_p),
+                                  reinterpret_cast<const float*>(residual_p),
+                                  reinterpret_cast<const float*>(weight_p),
+                                  reinterpret_cast<float*>(out_p),
+                                  reinterpret_cast<float*>(residual_out_p), rows, cols, eps,
+                                  gemma ? 1.0f : 0.0f);
+#endif
   float* sums = scratch(static_cast<size_t>(n));
   int st = reduce(
       c, hdr, reinterpret_cast<const uint8_t*>(x_p), n, dt, static_cast<Algo>(algo),
@@ -614,6 +701,61 @@ int HostMailbox::add_rms_norm(uintptr_t x_p, uintptr_t residual_p, uintptr_t wei
                     gemma ? 1.0f : 0.0f);
   return kOk;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 2 ranks, fp32, one-shot bulk: one pass over the peer's chunks computes r = (x0 + x1) [+ res]
+// straight into residual_out and accumulates the row's sum of squares in registers (no fp32
+// scratch round trip), then a second pass over residual_out (fp32: exactly r) normalises a
+// row as soon as it is complete. Same adds, same lane order, same formula as reduce() +
+// add_rms_norm_rows, so the same bits. Needs cols % 16 == 0 (chunks split rows on 16-lane
+// groups).
+int HostMailbox::add_rms_norm_2rank_f32(const Call& c, const OpHeader& hdr, const float* x,
+                                        const float* res, const float* w, float* out,
+                                        float* ro, int64_t rows, int64_t cols, float eps,
+                                        float offset) {
+  const int64_t n = rows * cols;
+  push_payload(c, hdr, reinterpret_cast<const uint8_t*>(x), n, DType::kFloat32,
+               Algo::kOneShot);
+  if (int st = exchange_headers(c, hdr); st != kOk) return st;
+  Spinner s(c.deadline_ns, spin_before_yield_);
+  const int peer = 1 - rank_;
+  LL8Packet* slot = layout_.hop1_slot(bases_[rank_], c.phase, peer);
+  const float* theirs =
+      reinterpret_cast<const float*>(MailboxLayout::bulk_data(slot, layout_.data_offset));
+  const float* x0 = rank_ == 0 ? x : theirs;
+  const float* x1 = rank_ == 0 ? theirs : x;
+  alignas(32) float part[16] = {};
+  int64_t row = 0, row_end = cols;
+  // Past kPrefetchMaxBytes the prefetch is switched off (prefetched starts beyond every chunk).
+  int64_t prefetched =
+      static_cast<size_t>(n) * 4 <= kPrefetchMaxBytes ? 0 : std::numeric_limits<int64_t>::max();
+  for (int64_t e0 = 0; e0 < n; e0 += kChunkWords) {
+    const int64_t e1 = std::min<int64_t>(n, e0 + static_cast<int64_t>(kChunkWords));
+    uint32_t d;
+    if (!wait_word(slot + layout_.flags_offset + e0 / kChunkWords, c.flag, s, &d))
+      return timeout_error(c, peer);
+    if (e0 / static_cast<int64_t>(kChunkWords) >= prefetched)
+      prefetch_ready_chunks(slot + layout_.flags_offset,
+                            reinterpret_cast<const uint8_t*>(theirs), n, c.flag, &prefetched);
+    for (int64_t a = e0; a < e1;) {
+      const int64_t b = std::min(e1, row_end);
+      add_res_sumsq_f32_avx2(x0 + a, x1 + a, res ? res + a : nullptr, ro + a, b - a, part);
+      a = b;
+      if (a == row_end) {
+        for (int wd = 8; wd > 0; wd /= 2)
+          for (int l = 0; l < wd; ++l) part[l] += part[l + wd];
+        const float inv = 1.0f / std::sqrt(part[0] / static_cast<float>(cols) + eps);
+        const int64_t base = row * cols;
+        scale_row_f32_avx2(ro + base, w, out + base, cols, inv, offset);
+        std::memset(part, 0, sizeof(part));
+        ++row;
+        row_end += cols;
+      }
+    }
+  }
+  return kOk;
+}
+#endif
 
 int HostMailbox::qk_rms_norm(uintptr_t q_p, int64_t q_stride, uintptr_t k_p, int64_t k_stride,
                              uintptr_t q_weight_p, uintptr_t k_weight_p, uintptr_t q_out_p,

@@ -107,6 +107,9 @@ class HostMailbox {
   int reduce(const Call& c, const OpHeader& hdr, const uint8_t* in, int64_t numel, DType dt,
              Algo algo, Sink&& sink, float* direct = nullptr);
   int timeout_error(const Call& c, int waiting_on);
+  int add_rms_norm_2rank_f32(const Call& c, const OpHeader& hdr, const float* x,
+                             const float* res, const float* w, float* out, float* ro,
+                             int64_t rows, int64_t cols, float eps, float offset);
   uint8_t call_flags(int64_t numel, DType dt, int algo, int op_flags) const;
   float* scratch(size_t n);
 

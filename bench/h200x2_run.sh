@@ -2,13 +2,19 @@
 # The GPU runs behind bench/results/h200x2*.json, as one device-tool call on a lent 2x H200
 # machine (torch + Triton from its image; our package installed editable, without deps):
 #
-#   bash bench/h200x2_run.sh                 # every step below, each under its own limit
+#   bash bench/h200x2_run.sh                 # validate fused decode bench
 #   bash bench/h200x2_run.sh fused decode    # only these steps
 #
-# Steps: validate (gpu_validate: correctness eager + 100k graph-replayed ops, mismatch,
-# timeout path, timing), fused (gpu_fused_linear), decode (decode_step --full), bench
-# (ccl-bench --device cuda). Results go to $OUT (the device tool brings back at most 8 files:
-# keep it that way).
+# Steps:
+#   validate     gpu_validate: eager + 100k graph-replayed one- and two-shot ops, mismatch,
+#                timeout path, timing vs NCCL / SymmetricMemory
+#   fused        gpu_fused_linear (every case and tile variant)
+#   decode       decode_step --full
+#   bench        ccl-bench --device cuda
+#   stall        stall_probe: the configurations that stalled before session 4's fix
+#   rank_limits  stall_probe with rank 1 waiting 3x longer than rank 0 (whose bound ends a stall)
+#   blocks       gpu_validate with 256- and 1024-word all-reduce programs
+# Results go to $OUT (the device tool brings back at most 8 files: choose steps accordingly).
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}
 mkdir -p "$OUT"
@@ -24,12 +30,11 @@ python3 -m pip install -q --no-build-isolation --no-deps \
     -C cmake.define.CCL_TORCH_BACKEND=OFF -e . >>"$log" 2>&1 || say "pip install FAILED"
 nvidia-smi --query-gpu=name,driver_version --format=csv >>"$log" 2>&1
 
-# The wait bound is 30 s: this VM showed simultaneous multi-second host stalls of both ranks
-# (bench/results/h200x2-stall-probe.json), which a 5 s bound turns into timeouts.
+# Wait bound 30 s for the validation (a generous bound: a stall would show as a timeout).
 if want validate; then
     say "gpu_validate"
-    timeout 150 python3 bench/gpu_validate.py --out "$OUT" --quick --algos one_shot --timeout 30 \
-        --checked-replays 1000000 >>"$log" 2>&1 || say "gpu_validate rc=$?"
+    timeout 200 python3 bench/gpu_validate.py --out "$OUT" --quick --algos one_shot,two_shot \
+        --timeout 30 --checked-replays 1000000 >>"$log" 2>&1 || say "gpu_validate rc=$?"
 fi
 if want fused; then
     say "fused linear"
@@ -46,5 +51,27 @@ if want bench; then
     timeout 60 python3 -m ccl.bench --device cuda --dtype bfloat16 --max-bytes 64K -v \
         --coll-timeout 30 --no-plot --out "$OUT/h200x2-ccl-bench-bf16" >>"$log" 2>&1 \
         || say "ccl-bench rc=$?"
+fi
+probe_configs="^ar 1KB$|^ar 16KB$|^ar 64KB 16 progs$|^ar 128KB 128 progs$|^ar fp32 96KB 24 progs$|norm"
+if want stall; then
+    say "stall probe"
+    timeout 120 python3 bench/stall_probe.py --configs "$probe_configs" --repeat 3 --replays 200 \
+        --timeout 1 --deadline 110 --json "$OUT/stall.json" >>"$log" 2>&1 || say "stall_probe rc=$?"
+fi
+if want rank_limits; then
+    say "stall probe, per-rank bounds"
+    timeout 150 python3 bench/stall_probe.py \
+        --configs "^ar 64KB 16 progs$|^ar 128KB 128 progs$|^ar fp32 96KB 24 progs$" --repeat 3 \
+        --replays 200 --timeout 0.1 --rank-limit-scale 2 --deadline 140 \
+        --json "$OUT/stall-rank-limits.json" >>"$log" 2>&1 || say "stall_probe rc=$?"
+fi
+if want blocks; then
+    for b in 256 1024; do
+        say "gpu_validate, $b-word programs"
+        mkdir -p "$OUT/b$b"
+        CCL_DEVICE_MAX_BLOCK=$b timeout 150 python3 bench/gpu_validate.py --out "$OUT/b$b" \
+            --quick --algos one_shot --timeout 30 --skip timeout,mismatch \
+            --checked-replays 1000000 >>"$log" 2>&1 || say "gpu_validate rc=$?"
+    done
 fi
 say "done"

@@ -41,7 +41,10 @@ stand-in (``ccl.fused_moe`` device path: a gate/up kernel, then the routed down 
 vLLM's fused MoE is not installable on the device machine). The ccl path fuses the down
 projection with the all-reduce + add + norm (``moe_all_reduce_add_rms_norm``: one kernel);
 ``ccl_moe_unfused`` writes the expert partial to memory and runs
-``comm.all_reduce_add_rms_norm`` on it, which measures what that fusion saves. Each path is
+``comm.all_reduce_add_rms_norm`` on it, which measures what that fusion saves;
+``ccl_qk_fused`` runs the QKV projection with the TP Q/K norm in its epilogue
+(``ccl.fused_linear.linear_qk_rms_norm``: our GEMV, one kernel) instead of cuBLAS +
+``comm.qk_rms_norm``, which measures what that fusion saves. Each path is
 one CUDA graph per step, replayed and timed with CUDA events; the ccl graph's result is
 checked against the eager step, and the ccl outputs bitwise across ranks. Every wait is bounded (``--timeout``,
 a watchdog per rank).
@@ -244,19 +247,28 @@ def _rms(r, w):
 
 
 # =============================================================================== the paths
-def step_ccl(st: Stack, comm, bufs, fuse_moe=True):
+def step_ccl(st: Stack, comm, bufs, fuse_moe=True, fuse_qk=False):
     import torch
 
-    from ccl.fused_linear import linear_all_reduce_add_rms_norm
+    from ccl.fused_linear import linear_all_reduce_add_rms_norm, linear_qk_rms_norm
     from ccl.fused_moe import moe_all_reduce_add_rms_norm, moe_partial
 
     residual = bufs["residual"]
     residual.copy_(st.x0)
     x_norm = bufs["x_a"]
     x_norm.copy_(_rms(st.x0.float(), st.in_norm[0]).to(torch.bfloat16))
+    qd, kd = st.q_w.shape[0], st.k_w.shape[0]
     for l in range(st.shape.layers):
-        _, q, k, v = st.qkv(l, x_norm)
-        comm.qk_rms_norm(q, k, st.q_w, st.k_w, EPS, q_out=q, k_out=k)
+        if fuse_qk:  # our GEMV with the Q/K norm (and its all-reduce) in its epilogue
+            qkv = bufs.get("qkv")
+            if qkv is None:
+                qkv = bufs["qkv"] = torch.empty(x_norm.shape[0], st.wqkv[l].shape[0],
+                                                dtype=x_norm.dtype, device=x_norm.device)
+            q, k, v = linear_qk_rms_norm(comm, x_norm, st.wqkv[l].t(), st.q_w, st.k_w, EPS,
+                                         q_cols=qd, k_cols=kd, out=qkv)
+        else:
+            _, q, k, v = st.qkv(l, x_norm)
+            comm.qk_rms_norm(q, k, st.q_w, st.k_w, EPS, q_out=q, k_out=k)
         attn = st.attention(l, q, k, v)
         h = bufs["x_b"]
         linear_all_reduce_add_rms_norm(comm, attn, st.wo[l].t(), residual, st.post_norm[l], EPS,
@@ -473,8 +485,23 @@ def worker_cuda(rank, world, port, shape, args, q):
                                    for p in parts[1:])
         _log(rank, t0, f"eager baseline done; diff {diff}, ccl cross-rank identical "
                        f"{cross_rank_identical}")
+        # the fused QKV + Q/K norm path: close to the ccl path (our GEMV vs cuBLAS rounds the
+        # projection differently), bitwise identical across ranks
+        xq, rq = [t.clone() for t in step_ccl(st, comm, bufs, fuse_qk=True)]
+        comm.synchronize()
+        diff_qk = {"x_norm_max_abs": float((xq.float() - xc.float()).abs().max()),
+                   "x_norm_max_rel": float((xq.float() - xc.float()).abs().max()
+                                           / xc.float().abs().max())}
+        both = torch.cat([xq, rq]).contiguous()
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both)
+        qk_identical = all(torch.equal(parts[0].view(torch.int16), p.view(torch.int16))
+                           for p in parts[1:])
+        _log(rank, t0, f"eager ccl_qk_fused: diff vs ccl {diff_qk}, cross-rank identical "
+                       f"{qk_identical}")
         paths = (("ccl", lambda: step_ccl(st, comm, bufs)),
                  ("ccl_moe_unfused", lambda: step_ccl(st, comm, bufs, fuse_moe=False)),
+                 ("ccl_qk_fused", lambda: step_ccl(st, comm, bufs, fuse_qk=True)),
                  ("baseline", lambda: step_baseline(st, group, bufs)),
                  ("compute_only", lambda: step_compute_only(st)))
         graphs, outs = {}, {}
@@ -523,6 +550,8 @@ def worker_cuda(rank, world, port, shape, args, q):
         _log(rank, t0, "timing done")
         q.put((rank, "ok", {"times": res, "diff": diff, "experts": st.expert_kind,
                             "cross_rank_identical": cross_rank_identical,
+                            "qk_fused": {"diff_vs_ccl": diff_qk,
+                                         "cross_rank_identical": qk_identical},
                             "graph_replay_matches_eager": graph_ok,
                             "device": torch.cuda.get_device_name(dev),
                             "transport": comm.transport,
@@ -643,6 +672,10 @@ def report(args, shape, results, wall) -> int:
         out["cross_rank_identical"] = all(results[r]["cross_rank_identical"] for r in results)
         out["graph_replay_matches_eager"] = all(results[r]["graph_replay_matches_eager"]
                                                 for r in results)
+        if "qk_fused" in r0:
+            out["qk_fused_check"] = dict(
+                r0["qk_fused"], cross_rank_identical=all(
+                    results[r]["qk_fused"]["cross_rank_identical"] for r in results))
         # compute_only: the same compute (torch o_proj in fp32, the same expert stand-in)
         # with no communication and no norms
         out["comm_norm_ms_per_step"] = {n: max(0.0, paths[n]["median_ms"] - comp)
@@ -652,6 +685,9 @@ def report(args, shape, results, wall) -> int:
         if "ccl_moe_unfused" in paths:
             out["moe_fusion_saves_ms_per_step"] = (paths["ccl_moe_unfused"]["median_ms"]
                                                    - paths["ccl"]["median_ms"])
+        if "ccl_qk_fused" in paths:  # QKV GEMV + Q/K norm in one kernel vs cuBLAS + qk_rms_norm
+            out["qk_fusion_saves_ms_per_step"] = (paths["ccl"]["median_ms"]
+                                                  - paths["ccl_qk_fused"]["median_ms"])
         out["note"] = ("each step is one CUDA graph replay (CUDA events); NCCL baseline in "
                        "bf16; experts: " + str(r0.get("experts")))
     ccl_ms = paths["ccl"]["median_ms"]
@@ -693,7 +729,7 @@ def report(args, shape, results, wall) -> int:
     for k in ("ratio_ccl_over_baseline_same_kernels", "comm_norm_ms_per_step", "comm_norm_share",
               "comm_norm_ms_timed_sections_upper_bound", "diff_ccl_vs_baseline",
               "cross_rank_identical", "graph_replay_matches_eager",
-              "moe_fusion_saves_ms_per_step"):
+              "moe_fusion_saves_ms_per_step", "qk_fusion_saves_ms_per_step", "qk_fused_check"):
         if k in out:
             print(f"# {k}: {out[k]}")
     if args.json:

@@ -299,6 +299,7 @@ def fused_variants(quick: bool, backends=(0,)):
     import torch
 
     from ccl.fused_linear import Int4Weights, device_linear_add_rms_norm, device_linear_partial
+    from ccl.fused_linear import device_linear_qk_rms_norm
 
     k, n, world = FUSED_SHAPES["K"], FUSED_SHAPES["N"], FUSED_SHAPES["world"]
     bf = torch.bfloat16
@@ -340,7 +341,19 @@ def fused_variants(quick: bool, backends=(0,)):
                                       (grid, kern.warmup(*a, grid=grid, **kw))))
             return sink
 
+        def qkv(make=make, m=m, be=be):
+            sink = []
+            dm = _FakeMailbox(world, 0, 1 << 20, be, sink)
+            w, q = make()
+            qc, kc = n // 2, n // 8
+            device_linear_qk_rms_norm(dm, torch.zeros(m, k, dtype=bf), w, q,
+                                      torch.zeros(qc, dtype=bf), torch.zeros(kc, dtype=bf), 1e-6,
+                                      q_cols=qc, k_cols=kc, out=torch.empty(m, n, dtype=bf))
+            return sink
+
         out.append((f"fused_linear {wname} M{m} {variant} be{be}", fused))
+        if variant == blocks[0]:
+            out.append((f"linear_qk_rms_norm {wname} M{m} be{be}", qkv))
         # not in --quick (CI's): tests/test_triton_interpret.py expects every row it sees to
         # publish and poll, and the GEMV alone does neither
         if be == backends[0] and not quick:

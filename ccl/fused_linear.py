@@ -26,7 +26,8 @@ from ccl.errors import CclError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Int4Weights", "linear_all_reduce_add_rms_norm", "linear_partial"]
+__all__ = ["Int4Weights", "linear_all_reduce_add_rms_norm", "linear_partial",
+           "linear_qk_rms_norm"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KIND_DENSE_KN, _KIND_DENSE_NK, _KIND_INT4 = 0, 1, 2
@@ -408,6 +409,65 @@ def linear_all_reduce_add_rms_norm(
     return out, residual_out
 
 
+def linear_qk_rms_norm(
+    comm: Communicator,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    q_cols: int,
+    k_cols: int,
+    quant: Int4Weights | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear_qk_rms_norm(comm, x, weight, q_weight, k_weight, eps=1e-6, *, q_cols, k_cols,
+    quant=None, out=None) -> (q, k, v)
+
+    The column-parallel QKV projection of a TP decode step with the TP-sharded Q/K RMSNorm
+    (``Communicator.qk_rms_norm``) in its epilogue. This is a collective operation::
+
+        qkv = x [M, K] @ W [K, N]          (rounded to x's dtype; this rank's columns)
+        q, k, v = qkv[:, :q_cols], qkv[:, q_cols:q_cols + k_cols], qkv[:, q_cols + k_cols:]
+        q = q * rsqrt(sum_r |q_r|² / (q_cols * world) + eps) * q_weight     (k alike)
+
+    ``weight`` dense ``[K, N]`` or ``quant`` :class:`Int4Weights`; ``q_weight`` ``[q_cols]``
+    and ``k_weight`` ``[k_cols]`` (this rank's shards of the norm weights); ``out``
+    ``[M, N]`` contiguous in x's dtype (allocated when None). Returns views of ``out``.
+    CUDA / XPU: one Triton launch when the device mailbox can take it (asynchronous; errors
+    surface in ``comm.synchronize()``); otherwise, and on CPUs, the projection then
+    ``comm.qk_rms_norm`` (the same values up to the order of the sums of squares).
+    """
+    _code(x, "x")
+    x2 = _rows(x)
+    m, k = x2.shape
+    _, n = _weight_desc(weight, quant, k, x.device)
+    if q_cols <= 0 or k_cols <= 0 or q_cols + k_cols > n:
+        raise ValueError(f"q_cols={q_cols} and k_cols={k_cols} must be positive and fit in the "
+                         f"{n} projected columns")
+    _check_like(q_weight, (q_cols,), x.dtype, x.device, "q_weight")
+    _check_like(k_weight, (k_cols,), x.dtype, x.device, "k_weight")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        _check_like(out, (m, n), x.dtype, x.device, "out")
+    views = (out[:, :q_cols], out[:, q_cols:q_cols + k_cols], out[:, q_cols + k_cols:])
+    if m == 0:
+        return views
+    if not x.is_cpu:
+        comm._live()
+        dm = comm._device_mailbox
+        if dm is not None and device_qk_kernel_fits(dm, m, n):
+            device_linear_qk_rms_norm(dm, x2, weight, quant, q_weight, k_weight, float(eps),
+                                      q_cols=q_cols, k_cols=k_cols, out=out)
+            return views
+    out.copy_(linear_partial(x2, weight, quant=quant))
+    q, kk, _ = views
+    comm.qk_rms_norm(q, kk, q_weight, k_weight, float(eps), q_out=q, k_out=kk)
+    return views
+
+
 def _host(comm, mailbox, code, x2, desc, n, residual, norm_weight, out, residual_out, eps,
           gemma):
     native = _native()
@@ -640,3 +700,46 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         num_warps=t.num_warps,
     )
     return out, residual_out
+
+
+def device_qk_kernel_fits(dm, m: int, n: int) -> bool:
+    """Whether the fused QKV + Q/K-norm kernel takes M rows of N columns on ``dm``: two
+    payload words per row, at most MAX_ROWS rows, the tile sums of squares in the scratch."""
+    n_tiles = (n + 16 - 1) // 16  # the narrowest default tiles
+    return m <= _MAX_ROWS and 2 * m <= dm.layout.cap_words and 2 * m * n_tiles <= 2 * dm.layout.cap_words
+
+
+def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, q_cols, k_cols,
+                              out, tiles=None, epi_block=1024):
+    """The fused QKV + Q/K-norm kernel (``linear_qk_rms_norm_kernel``) on a
+    :class:`ccl.device_mailbox.DeviceMailbox` (also the interpreter's "cpu" mailbox): ``x``
+    ``[M, K]`` with unit stride in K, ``out`` ``[M, N]`` contiguous. Collective,
+    asynchronous (``dm.raise_if_failed()``)."""
+    from ccl.kernels import triton_fused_linear as F
+
+    state = _DEVICE_STATES.get(dm)
+    if state is None:
+        state = _DEVICE_STATES[dm] = _DeviceState(dm)
+    code = _DTYPE_CODES[x.dtype]
+    m, k = x.shape
+    w_ptr, _, swk, swn, s_ptr, _, lds, group, wdt, n = _device_weight(weight, quant)
+    t = tiles or gemv_tiles(m, quant is not None)
+    n_tiles = (n + t.bn - 1) // t.bn
+    if m > F.MAX_ROWS or 2 * m > dm.layout.cap_words or 2 * m * n_tiles > 2 * dm.layout.cap_words:
+        raise ValueError(f"{m} rows x {n_tiles} tiles exceed the fused QKV kernel's limits")
+    if q_cols >= 1 << 16 or k_cols >= 1 << 16:
+        raise ValueError("q_cols and k_cols must be below 65536")
+    h = ((F.OP_LINEAR_QK_RMS_NORM << 24) | (code << 16) | (F.FLAG_INT4 if quant is not None else 0),
+         (m * n) & 0xFFFFFFFF, (q_cols << 16) | k_cols, _f32_bits(eps))
+    dm._launch(
+        F.linear_qk_rms_norm_kernel, (n_tiles + m,),
+        x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, q_weight, k_weight,
+        m, k, n, q_cols, k_cols, n_tiles, float(eps), state.ws,
+        dm._table, dm._ctrl, state.aux, dm.rank, *h,
+        dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
+        XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
+        USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None),
+        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=_next_pow2(epi_block),
+        WORLD=dm.world_size, BACKEND=dm.backend, num_warps=t.num_warps,
+    )
+    return out

@@ -137,6 +137,44 @@ def test_linear_host_2ranks(pools, seed):
     assert per_rank[0] == per_rank[1], "outputs differ between ranks (bitwise)"
 
 
+def _rank_qkv(ctx, seed):
+    """linear_qk_rms_norm on CPU tensors (the projection, then comm.qk_rms_norm): every rank
+    its own column shard, against an fp32 reference over every rank's rounded shard; bad
+    column splits rejected before any communication."""
+    from ccl.fused_linear import linear_qk_rms_norm
+
+    comm = ctx.comm()
+    for i, (dtype_name, kind, m, k, qc, kc, n) in enumerate(
+            [("bfloat16", "dense_nk", 1, 96, 32, 16, 64), ("float32", "int4_g32", 3, 64, 24, 8, 40),
+             ("float16", "dense_kn", 2, 128, 48, 16, 96)]):
+        dtype = getattr(torch, dtype_name)
+        x = gen(seed, ("hqx", i), (m, k), dtype)
+        qkv, mine = [], None
+        for r in range(ctx.world):
+            weight, quant, wref = _weight(kind, seed + 200 + i, r, k, n, dtype)
+            qkv.append((x.float() @ wref).to(dtype).float())
+            mine = (weight, quant) if r == ctx.rank else mine
+        qw = gen(seed, ("hqw", i, ctx.rank), (qc,), dtype)
+        kw = gen(seed, ("hkw", i, ctx.rank), (kc,), dtype)
+        ssq = sum(p[:, :qc].pow(2).sum(-1) for p in qkv)
+        ssk = sum(p[:, qc:qc + kc].pow(2).sum(-1) for p in qkv)
+        ref = qkv[ctx.rank].clone()
+        ref[:, :qc] *= torch.rsqrt(ssq / (qc * ctx.world) + EPS)[:, None] * qw.float()
+        ref[:, qc:qc + kc] *= torch.rsqrt(ssk / (kc * ctx.world) + EPS)[:, None] * kw.float()
+        out = poison_like(torch.empty(m, n, dtype=dtype))
+        q, kk, v = linear_qk_rms_norm(comm, x, mine[0], qw, kw, EPS, q_cols=qc, k_cols=kc,
+                                      quant=mine[1], out=out)
+        assert q.data_ptr() == out.data_ptr() and v.shape == (m, n - qc - kc)
+        _check(f"host qkv case {i}", out, ref.to(dtype), dtype)
+    with pytest.raises(ValueError, match="q_cols"):
+        linear_qk_rms_norm(comm, x, mine[0], qw, kw, EPS, q_cols=n, k_cols=kc, quant=mine[1])
+    return True
+
+
+def test_linear_qk_rms_norm_host_2ranks(pools, seed):
+    assert pools.get(2).run(_rank_qkv, seed, timeout=60) == [True, True]
+
+
 def _rank_fallback_and_mismatch(ctx, seed):
     """A partial above max_bytes goes through the wrapped backend (same results); a shape
     disagreement is a CollectiveMismatch on every rank and the communicator stays usable."""
@@ -353,6 +391,7 @@ def _interp_worker(rank, world, store_path, seed, q):
             _check(f"interp case {i} out", out, ref_o, dtype)
             digests.append(digest(out, res_out))
         digests.append(_interp_moe(mb, rank, world, seed))
+        _interp_qkv(mb, rank, world, seed)
         # ranks disagree on N: both kernels record a mismatch and write nothing
         from ccl.errors import CollectiveMismatch
 
@@ -433,6 +472,46 @@ def _interp_moe(mb, rank, world, seed):
         _check(f"moe case {j} out", out, ref_o, dtype)
         out_digests.append(digest(out, res_out))
     return out_digests
+
+
+def _interp_qkv(mb, rank, world, seed):
+    """QKV projection with the TP Q/K norm in its epilogue (linear_qk_rms_norm_kernel):
+    every rank projects its own column shard; the q / k sums of squares are all-reduced
+    inside the kernel. Against an fp32 reference built from every rank's rounded shard, and
+    against the unfused device path (linear_kernel, then qk_rms_norm_kernel)."""
+    from ccl.fused_linear import GemvTiles, device_linear_partial, device_linear_qk_rms_norm
+
+    cases = [("bfloat16", "dense_kn", 1, 64, 16, 8, 40, GemvTiles(bn=16, bk=32)),
+             ("float16", "int4_g32", 3, 64, 24, 16, 48,
+              GemvTiles(bn=16, bk=32, use_dot=True, bm=16)),
+             ("bfloat16", "dense_nk", 2, 96, 32, 16, 64, None)]
+    for i, (dtype_name, kind, m, k, qc, kc, n, tiles) in enumerate(cases):
+        dtype = getattr(torch, dtype_name)
+        x = gen(seed, ("qx", i), (m, k), dtype)  # replicated activations
+        qkv, mine = [], None
+        for r in range(world):
+            weight, quant, wref = _weight(kind, seed + 100 + i, r, k, n, dtype)
+            qkv.append((x.float() @ wref).to(dtype).float())
+            mine = (weight, quant) if r == rank else mine
+        qw = [gen(seed, ("qw", i, r), (qc,), dtype) for r in range(world)]
+        kw = [gen(seed, ("kw", i, r), (kc,), dtype) for r in range(world)]
+        ssq = sum(p[:, :qc].pow(2).sum(-1) for p in qkv)
+        ssk = sum(p[:, qc:qc + kc].pow(2).sum(-1) for p in qkv)
+        mine_ref = qkv[rank].clone()
+        mine_ref[:, :qc] *= torch.rsqrt(ssq / (qc * world) + EPS)[:, None] * qw[rank].float()
+        mine_ref[:, qc:qc + kc] *= torch.rsqrt(ssk / (kc * world) + EPS)[:, None] * kw[rank].float()
+        out = poison_like(torch.empty(m, n, dtype=dtype))
+        device_linear_qk_rms_norm(mb, x, mine[0], mine[1], qw[rank], kw[rank], EPS, q_cols=qc,
+                                  k_cols=kc, out=out, tiles=tiles)
+        mb.raise_if_failed()
+        _check(f"qkv case {i}", out, mine_ref.to(dtype), dtype)
+        # the unfused device path: the projection, then the standalone Q/K norm kernel
+        ref = device_linear_partial(x, mine[0], quant=mine[1], tiles=tiles).to(dtype)
+        mb.qk_rms_norm(ref[:, :qc], ref[:, qc:qc + kc], qw[rank], kw[rank], EPS,
+                       q_out=ref[:, :qc], k_out=ref[:, qc:qc + kc])
+        mb.raise_if_failed()
+        assert torch.equal(out[:, qc + kc:], ref[:, qc + kc:]), f"qkv case {i}: v differs"
+        _check(f"qkv case {i} vs unfused", out, ref, dtype)
 
 
 def test_row_limit_matches_the_kernel():

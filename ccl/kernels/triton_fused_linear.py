@@ -62,6 +62,7 @@ from ccl.kernels.triton_mailbox import (
     _load_seq,
     _ptr,
     _record_hop1_failure,
+    _exchange,
     _scrub,
     _wait_peer,
 )
@@ -74,6 +75,7 @@ MAX_ROWS = 64  # rows (tokens) of one fused launch
 AUX_WORDS = 16 + MAX_ROWS
 
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
+OP_LINEAR_QK_RMS_NORM = 7  # (6: the MoE variant of 5, host side)
 FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4, FLAG_MOE = 0x01, 0x02, 0x10, 0x20
 
 
@@ -418,6 +420,121 @@ def _finish(ctrl, aux, seq):
 
 
 @triton.jit
+def _normalise_cols(ptr, c0, c1, inv, w_ptr, ok, XDT: tl.constexpr, EPI_BLOCK: tl.constexpr):
+    """``ptr[c] = ptr[c] * inv * w[c - c0]`` for columns ``[c0, c1)`` of one row (in place,
+    x's dtype, fp32 math), unless the call failed."""
+    c = tl.arange(0, EPI_BLOCK)
+    j = tl.full([], 0, tl.int32)
+    while c0 + j < c1:
+        cm = c0 + j + c < c1
+        v = _load_f32(ptr + c0 + j + c, cm, XDT)
+        wv = _load_f32(w_ptr + j + c, cm, XDT)
+        tl.store(ptr + c0 + j + c, ll.from_f32((v * inv) * wv, XDT), mask=ll.both(cm, ok))
+        j += EPI_BLOCK
+
+
+@triton.jit
+def linear_qk_rms_norm_kernel(
+    x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, qkv_ptr, qw_ptr, kw_ptr,
+    M, K, N, q_cols, k_cols, n_tiles, eps, ws,
+    table, ctrl, aux, rank, h0, h1, h2, h3,
+    hop1_off, slot_words, hop2_off, hop2_words, limit,
+    XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    NATIVE: tl.constexpr, BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr,
+    WORLD: tl.constexpr, BACKEND: tl.constexpr,
+):
+    """Column-parallel QKV projection with the TP-sharded Q/K RMSNorm in its epilogue
+    (DESIGN.md §4 ``qk_rms_norm``): ``qkv [M, N] = x [M, K] @ W [K, N]`` in x's dtype, with
+    columns ``[0, q_cols)`` this rank's q shard and ``[q_cols, q_cols + k_cols)`` its k
+    shard, then ``q = q * rsqrt(sum_r ss_q,r / (q_cols * WORLD) + eps) * q_weight`` (k
+    alike), where ``ss`` is the sum of squares of the rounded q (k) row. v is left as
+    projected. One launch of ``n_tiles + M`` programs, tickets as
+    ``linear_add_rms_norm_kernel``:
+
+    * ticket ``t < n_tiles``: the GEMV of columns ``[t*BN, (t+1)*BN)``, stored rounded, and
+      the tile's q and k sums of squares per row in the scratch ``ws`` (no communication);
+      then the row counters.
+    * ticket ``t >= n_tiles``: row ``m = t - n_tiles`` waits for its tiles, adds the tile
+      sums in tile order, all-reduces the two sums with the peers' row ``m`` (payload words
+      ``2m``, ``2m + 1``, exactly as ``qk_rms_norm_kernel``), and normalises q and k in place.
+    """
+    seq = _load_seq(ctrl, BACKEND)
+    ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
+    ssp = ws.to(tl.pointer_type(tl.float32))  # [M, 2, n_tiles] q / k sums of squares
+    if ticket < n_tiles:
+        n0 = ticket * BN
+        cols = n0 + tl.arange(0, BN)
+        isq = cols < q_cols
+        isk = (cols >= q_cols) & (cols < q_cols + k_cols)
+        if USE_DOT:
+            m0 = tl.full([], 0, tl.int32)
+            while m0 < M:
+                acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
+                                XDT, WDT, INT4, BM, BN, BK, NATIVE)
+                rows = m0 + tl.arange(0, BM)
+                rm = rows < M
+                y = ll.from_f32(acc, XDT)
+                tl.store(qkv_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], y,
+                         mask=rm[:, None] & (cols < N)[None, :])
+                yf = y.to(tl.float32)
+                sq = tl.sum(tl.where(isq[None, :], yf * yf, 0.0), 1)
+                sk = tl.sum(tl.where(isk[None, :], yf * yf, 0.0), 1)
+                tl.store(ssp + (rows * 2) * n_tiles + ticket, sq, mask=rm)
+                tl.store(ssp + (rows * 2 + 1) * n_tiles + ticket, sk, mask=rm)
+                tl.atomic_add(aux + AUX_ROWS + rows, 1, mask=rm, sem="release", scope="gpu")
+                m0 += BM
+        else:
+            m = tl.full([], 0, tl.int32)
+            while m < M:
+                acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                                   x_ptr, x_ptr, 0, 0, 0, XDT, WDT, INT4, BN, BK, 0)
+                y = ll.from_f32(acc, XDT)
+                tl.store(qkv_ptr + m.to(tl.int64) * N + cols, y, mask=cols < N)
+                yf = y.to(tl.float32)
+                tl.store(ssp + (m * 2) * n_tiles + ticket, tl.sum(tl.where(isq, yf * yf, 0.0), 0))
+                tl.store(ssp + (m * 2 + 1) * n_tiles + ticket,
+                         tl.sum(tl.where(isk, yf * yf, 0.0), 0))
+                tl.atomic_add(aux + AUX_ROWS + m, 1, sem="release", scope="gpu")
+                m += 1
+    else:
+        row = ticket - n_tiles
+        cnt = aux + AUX_ROWS + row
+        yes = tl.full([], 1, tl.int1)
+        done = ll.load(cnt, yes, BACKEND)
+        spins = 0
+        while (done < n_tiles) & (spins < limit):  # no barrier inside: per-warp exits are safe
+            done = ll.load(cnt, yes, BACKEND)
+            spins += 1
+        done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+        t = tl.arange(0, BLOCK_TILES)
+        tm = t < n_tiles
+        sq = tl.sum(tl.load(ssp + (row * 2) * n_tiles + t, mask=tm, other=0.0), 0)
+        sk = tl.sum(tl.load(ssp + (row * 2 + 1) * n_tiles + t, mask=tm, other=0.0), 0)
+        lane = tl.arange(0, 2)
+        vals = tl.where(lane == 0, sq, sk)
+        acc, _, failed = _exchange(
+            2 * row + lane, lane < 2, ll.elem_bits(vals, 0), vals, vals * 0.0, row == 0,
+            table, ctrl, rank, seq, h0, h1, h2, h3, 2 * M, 0,
+            hop1_off, slot_words, hop2_off, hop2_words, limit, 0, 1, WORLD, False, BACKEND,
+        )
+        if done < n_tiles:  # only after a bounded wait on our own tiles: record, never hang
+            tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+            tl.atomic_or(ctrl + CTRL_MISSING, tl.full([], 1, tl.int64) << rank)
+        ok = (failed == 0) & (done >= n_tiles)
+        iq = tl.math.rsqrt(tl.sum(tl.where(lane == 0, acc, 0.0), 0) / (q_cols * WORLD) + eps)
+        ik = tl.math.rsqrt(tl.sum(tl.where(lane == 1, acc, 0.0), 0) / (k_cols * WORLD) + eps)
+        base = qkv_ptr + row.to(tl.int64) * N
+        _normalise_cols(base, 0, q_cols, iq, qw_ptr, ok, XDT, EPI_BLOCK)
+        _normalise_cols(base, q_cols, q_cols + k_cols, ik, kw_ptr, ok, XDT, EPI_BLOCK)
+        tl.store(aux + AUX_ROWS + row, 0)  # the only reader: reset for the next call
+    _scrub(table, rank, seq, 2 * M, 0, hop1_off, slot_words, hop2_off, hop2_words,
+           1, WORLD, False, BACKEND)
+    _finish(ctrl, aux, seq)
+
+
+@triton.jit
 def linear_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, out_ptr, M, K, N,
     ids_ptr, tw_ptr, swe, sse, n_experts,
@@ -483,4 +600,5 @@ def fill_words_kernel(ptr, n_words, value, BLOCK: tl.constexpr):
 
 
 ll.interpreter_fast_calls(globals(), keep=("linear_add_rms_norm_kernel", "linear_kernel",
+                                         "linear_qk_rms_norm_kernel",
                                          "moe_gate_up_kernel", "fill_words_kernel"))

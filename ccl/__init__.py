@@ -6,7 +6,7 @@ its own inbox; the all-reduce is fused with residual-add + RMSNorm and the TP-sh
 
 from ccl.comm import Communicator, NormStyle, ReduceOp
 from ccl import backend as _backend  # noqa: F401  (importing it registers the "mbx" backend)
-from ccl.fused_linear import Int4Weights, linear_all_reduce_add_rms_norm
+from ccl.fused_linear import Int4Weights, linear_all_reduce_add_rms_norm, linear_qk_rms_norm
 from ccl.fused_moe import ExpertWeights, moe_all_reduce_add_rms_norm
 from ccl.errors import (
     CclError,
@@ -24,6 +24,7 @@ __all__ = [
     "Int4Weights",
     "ExpertWeights",
     "linear_all_reduce_add_rms_norm",
+    "linear_qk_rms_norm",
     "moe_all_reduce_add_rms_norm",
     "NormStyle",
     "ReduceOp",

@@ -512,6 +512,17 @@ def _interp_qkv(mb, rank, world, seed):
         mb.raise_if_failed()
         assert torch.equal(out[:, qc + kc:], ref[:, qc + kc:]), f"qkv case {i}: v differs"
         _check(f"qkv case {i} vs unfused", out, ref, dtype)
+    # ranks disagree on the q / k split: both record a mismatch and normalise nothing
+    from ccl.errors import CollectiveMismatch
+
+    x = torch.ones(1, 16)
+    w = torch.ones(16, 24)
+    out = poison_like(torch.empty(1, 24))
+    device_linear_qk_rms_norm(mb, x, w, None, torch.ones(8 + rank), torch.ones(4), EPS,
+                              q_cols=8 + rank, k_cols=4, out=out)
+    with pytest.raises(CollectiveMismatch):
+        mb.raise_if_failed()
+    assert bool((out == 16.0).all()), "q / k normalised despite a mismatch"
 
 
 def test_row_limit_matches_the_kernel():

@@ -246,6 +246,23 @@ def _rms(r, w):
     return r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
 
 
+def _diff(x, ref):
+    """Largest absolute and relative difference of x from ref."""
+    err = float((x.float() - ref.float()).abs().max())
+    return {"x_norm_max_abs": err, "x_norm_max_rel": err / float(ref.float().abs().max())}
+
+
+def _same_on_every_rank(t, world):
+    """Whether ``t`` (16-bit) is bitwise the same on every rank (all_gather)."""
+    import torch
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return all(torch.equal(parts[0].view(torch.int16), p.view(torch.int16)) for p in parts[1:])
+
+
 # =============================================================================== the paths
 def step_ccl(st: Stack, comm, bufs, fuse_moe=True, fuse_qk=False):
     import torch
@@ -474,29 +491,17 @@ def worker_cuda(rank, world, port, shape, args, q):
         _log(rank, t0, "eager ccl step done (kernels compiled)")
         xb, rb = step_baseline(st, group, bufs)
         torch.cuda.synchronize()
-        diff = {"x_norm_max_abs": float((xc.float() - xb.float()).abs().max()),
-                "residual_max_abs": float((rc.float() - rb.float()).abs().max()),
-                "x_norm_max_rel": float((xc.float() - xb.float()).abs().max()
-                                        / xb.float().abs().max())}
-        both = torch.cat([xc, rc]).contiguous()
-        parts = [torch.empty_like(both) for _ in range(world)]
-        dist.all_gather(parts, both)
-        cross_rank_identical = all(torch.equal(parts[0].view(torch.int16), p.view(torch.int16))
-                                   for p in parts[1:])
+        diff = dict(_diff(xc, xb),
+                    residual_max_abs=float((rc.float() - rb.float()).abs().max()))
+        cross_rank_identical = _same_on_every_rank(torch.cat([xc, rc]), world)
         _log(rank, t0, f"eager baseline done; diff {diff}, ccl cross-rank identical "
                        f"{cross_rank_identical}")
         # the fused QKV + Q/K norm path: close to the ccl path (our GEMV vs cuBLAS rounds the
         # projection differently), bitwise identical across ranks
         xq, rq = [t.clone() for t in step_ccl(st, comm, bufs, fuse_qk=True)]
         comm.synchronize()
-        diff_qk = {"x_norm_max_abs": float((xq.float() - xc.float()).abs().max()),
-                   "x_norm_max_rel": float((xq.float() - xc.float()).abs().max()
-                                           / xc.float().abs().max())}
-        both = torch.cat([xq, rq]).contiguous()
-        parts = [torch.empty_like(both) for _ in range(world)]
-        dist.all_gather(parts, both)
-        qk_identical = all(torch.equal(parts[0].view(torch.int16), p.view(torch.int16))
-                           for p in parts[1:])
+        diff_qk = _diff(xq, xc)
+        qk_identical = _same_on_every_rank(torch.cat([xq, rq]), world)
         _log(rank, t0, f"eager ccl_qk_fused: diff vs ccl {diff_qk}, cross-rank identical "
                        f"{qk_identical}")
         paths = (("ccl", lambda: step_ccl(st, comm, bufs)),

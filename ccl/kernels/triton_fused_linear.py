@@ -287,6 +287,30 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
 
 
 @triton.jit
+def _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND: tl.constexpr):
+    """Epilogue side of a row counter: waits until ``n_tiles`` tile programs counted row
+    ``row`` (``aux[AUX_ROWS + row]``), then one acquire orders the reads of what they wrote.
+    Polled with plain L1-bypassing loads: atomics in a spin loop would contend for the
+    counters' cache line with the tiles' increments (measured: M=8 calls slowed ~100x on
+    H200); no barrier inside, so per-warp exits are safe. The wait only outlasts the tiles'
+    own bounded waits, and a count still short at the bound is recorded as a timeout of this
+    rank. Returns whether the row is complete (the same in every warp)."""
+    cnt = aux + AUX_ROWS + row
+    yes = tl.full([], 1, tl.int1)
+    done = ll.load(cnt, yes, BACKEND)
+    spins = 0
+    while (done < n_tiles) & (spins < limit):
+        done = ll.load(cnt, yes, BACKEND)
+        spins += 1
+    done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    if done < n_tiles:  # record, never hang
+        tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+        tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+        tl.atomic_or(ctrl + CTRL_MISSING, tl.full([], 1, tl.int64) << rank)
+    return done >= n_tiles
+
+
+@triton.jit
 def _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.constexpr,
                HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr):
     """Writes ``res_out = acc`` and ``out = acc * inv * w`` (``w + 1``: Gemma) for columns
@@ -364,25 +388,11 @@ def linear_add_rms_norm_kernel(
         # all-reduced values the tile programs left in the scratch. Tickets guarantee every
         # tile program is running before any epilogue program spins (no starvation), and
         # the interpreter runs the tiles first.
-        # Polled with plain L1-bypassing loads: atomics in a spin loop would contend for the
-        # counters' cache line with the tiles' increments (measured: M=8 calls slowed ~100x
-        # on H200). One acquire once the count is complete orders the scratch reads.
         row = ticket - n_tiles
-        cnt = aux + AUX_ROWS + row
         yes = tl.full([], 1, tl.int1)
-        done = ll.load(cnt, yes, BACKEND)
-        spins = 0
-        while (done < n_tiles) & (spins < limit):
-            done = ll.load(cnt, yes, BACKEND)
-            spins += 1
-        done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-        ok = (done >= n_tiles) & (
+        ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND) & (
             ll.all_warps_max(ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)) == 0
         )
-        if done < n_tiles:  # only after a tile's own bounded waits: record, never hang
-            tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
-            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
-            tl.atomic_or(ctrl + CTRL_MISSING, tl.full([], 1, tl.int64) << rank)
         t = tl.arange(0, BLOCK_TILES)
         ss = tl.sum(tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0), 0)
         inv = tl.math.rsqrt(ss / N + eps)
@@ -499,14 +509,7 @@ def linear_qk_rms_norm_kernel(
                 m += 1
     else:
         row = ticket - n_tiles
-        cnt = aux + AUX_ROWS + row
-        yes = tl.full([], 1, tl.int1)
-        done = ll.load(cnt, yes, BACKEND)
-        spins = 0
-        while (done < n_tiles) & (spins < limit):  # no barrier inside: per-warp exits are safe
-            done = ll.load(cnt, yes, BACKEND)
-            spins += 1
-        done = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+        tiles_ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND)
         t = tl.arange(0, BLOCK_TILES)
         tm = t < n_tiles
         sq = tl.sum(tl.load(ssp + (row * 2) * n_tiles + t, mask=tm, other=0.0), 0)
@@ -518,11 +521,7 @@ def linear_qk_rms_norm_kernel(
             table, ctrl, rank, seq, h0, h1, h2, h3, 2 * M, 0,
             hop1_off, slot_words, hop2_off, hop2_words, limit, 0, 1, WORLD, False, BACKEND,
         )
-        if done < n_tiles:  # only after a bounded wait on our own tiles: record, never hang
-            tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
-            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
-            tl.atomic_or(ctrl + CTRL_MISSING, tl.full([], 1, tl.int64) << rank)
-        ok = (failed == 0) & (done >= n_tiles)
+        ok = (failed == 0) & tiles_ok
         iq = tl.math.rsqrt(tl.sum(tl.where(lane == 0, acc, 0.0), 0) / (q_cols * WORLD) + eps)
         ik = tl.math.rsqrt(tl.sum(tl.where(lane == 1, acc, 0.0), 0) / (k_cols * WORLD) + eps)
         base = qkv_ptr + row.to(tl.int64) * N

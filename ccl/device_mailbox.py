@@ -213,9 +213,10 @@ class DeviceMailbox:
                 "DeviceMailbox on 'cpu' runs the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before ccl.kernels.triton_mailbox is imported (or use the host Communicator)"
             )
-        # CCL_LL_VARIANT (cuda, cuda_fenced, cuda_xchg, xpu, xpu_atomic) picks
-        # the publish/poll variant of ccl.kernels.ll when the caller does not.
-        self.backend = ll.backend_for(self.device.type, backend or os.environ.get("CCL_LL_VARIANT") or None)
+        # CCL_LL_VARIANT (cuda, cuda_fenced, cuda_xchg, xpu, xpu_atomic) picks the publish /
+        # poll variant of ccl.kernels.ll when the caller does not.
+        variant = backend or os.environ.get("CCL_LL_VARIANT") or None
+        self.backend = ll.backend_for(self.device.type, variant)
         self.rank = rank
         self.world_size = world_size
         self.layout = DeviceLayout.make(world_size, capacity_bytes)
@@ -231,9 +232,8 @@ class DeviceMailbox:
         self.spin_ns = float(
             spin_ns or (env_spin and float(env_spin)) or _SPIN_NS.get(self.device.type, 500.0)
         )
-        #: largest payload block (words) of one all-reduce program (2x H200: 256-word programs
-        #: are ~10% faster from 8 KB to 256 KB, h200x2.json, but 1024 is the configuration
-        #: validated over 100k graph-replayed ops; CCL_DEVICE_MAX_BLOCK=256 opts in)
+        #: largest payload block (words) of one all-reduce program, CCL_DEVICE_MAX_BLOCK (2x H200,
+        #: session 4: 256-word programs measure the same as 1024-word ones, h200x2-s4-blocks.log)
         self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
         #: fused norm: payload words per program when a row is split over programs (CUDA;
         #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
@@ -250,8 +250,8 @@ class DeviceMailbox:
         self.two_shot_enabled = os.environ.get("CCL_DEVICE_TWO_SHOT", "1") != "0"
         if not self.two_shot_enabled:
             logger.info(
-                "ccl: device two-shot disabled on CUDA (open bug, docs/TRITON.md); "
-                "two-shot requests run one-shot. CCL_DEVICE_TWO_SHOT=1 enables it."
+                "ccl: device two-shot disabled (CCL_DEVICE_TWO_SHOT=0); two-shot requests run "
+                "one-shot."
             )
         self.timeout = 0.0
         self.limit = 0

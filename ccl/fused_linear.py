@@ -702,11 +702,12 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
     return out, residual_out
 
 
-def device_qk_kernel_fits(dm, m: int, n: int) -> bool:
-    """Whether the fused QKV + Q/K-norm kernel takes M rows of N columns on ``dm``: two
-    payload words per row, at most MAX_ROWS rows, the tile sums of squares in the scratch."""
-    n_tiles = (n + 16 - 1) // 16  # the narrowest default tiles
-    return m <= _MAX_ROWS and 2 * m <= dm.layout.cap_words and 2 * m * n_tiles <= 2 * dm.layout.cap_words
+def device_qk_kernel_fits(dm, m: int, n: int, bn: int = 16) -> bool:
+    """Whether the fused QKV + Q/K-norm kernel takes M rows of N columns in ``bn``-column
+    tiles (16: the narrowest default) on ``dm``: at most MAX_ROWS rows, two payload words per
+    row in the mailbox, two fp32 sums of squares per row and tile in the scratch."""
+    n_tiles = (n + bn - 1) // bn
+    return m <= _MAX_ROWS and 2 * m <= dm.layout.cap_words and m * n_tiles <= dm.layout.cap_words
 
 
 def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, q_cols, k_cols,
@@ -725,7 +726,7 @@ def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, 
     w_ptr, _, swk, swn, s_ptr, _, lds, group, wdt, n = _device_weight(weight, quant)
     t = tiles or gemv_tiles(m, quant is not None)
     n_tiles = (n + t.bn - 1) // t.bn
-    if m > F.MAX_ROWS or 2 * m > dm.layout.cap_words or 2 * m * n_tiles > 2 * dm.layout.cap_words:
+    if not device_qk_kernel_fits(dm, m, n, t.bn):
         raise ValueError(f"{m} rows x {n_tiles} tiles exceed the fused QKV kernel's limits")
     if q_cols >= 1 << 16 or k_cols >= 1 << 16:
         raise ValueError("q_cols and k_cols must be below 65536")

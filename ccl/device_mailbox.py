@@ -595,9 +595,10 @@ class DeviceMailbox:
             cols,
             eps,
         )
-        # At most _MAX_AR_PROGRAMS programs: on 2x H200, launches of 512-1024 programs gave
-        # occasional wrong blocks with no status recorded (bench/results/h200x2-validate-s2.log,
-        # open bug); launches of <= 128 programs never did.
+        # At most _MAX_AR_PROGRAMS programs: on 2x H200 (session 2), launches of 512-1024
+        # programs gave occasional wrong blocks with no status recorded; very likely the
+        # per-warp spin exits fixed in session 4 (docs/TRITON.md), but no run with larger
+        # launches has shown it yet, so the cap stays.
         block = min(self.max_block, max(64, _next_pow2(n_words)))
         block = max(block, _next_pow2(_cdiv(n_words, _MAX_AR_PROGRAMS)))
         grid = max(1, _cdiv(n_words, block))

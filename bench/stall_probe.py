@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Stall probe for the device mailbox under CUDA-graph replay (2 GPUs).
 
-    python bench/stall_probe.py [--replays N] [--timeout S] [--json FILE]
+    python bench/stall_probe.py [--replays N] [--timeout S] [--configs REGEX] [--repeat N]
+                                [--rank-limit-scale X] [--json FILE]
 
 For each configuration (op, size, programs per launch, LL publish variant) it captures one
 graph of ``--calls`` calls, replays it ``--replays`` times between CUDA events and reports how
-many replays took more than 1 ms (a call normally takes 2-6 µs), the slowest replay, the
-slowest host-side launch, the status each rank's kernels recorded and whether both ranks
-still agree on the sequence number. Written to find where rare multi-second stalls seen
-under graph replay (bench/results/h200x2-stall-probe.json) come from.
+many replays took more than 1 ms (a call normally takes 2-6 µs), the slowest replays with
+their host launch stamps, the status each rank's kernels recorded, their longest waits
+(``DeviceMailbox.wait_stats``) and whether both ranks still agree on the sequence number. A
+heartbeat process reports host (VM) stalls. Written to find where the multi-second stalls
+under graph replay came from (found in session 4: docs/TRITON.md; before / after:
+bench/results/h200x2-s4-stall-*.json).
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def rank_main(rank, world, port, args, q):
         for label, op, rows, cols, dname, block, chunk, variant in todo:
             dt = dts[dname]
             dm.max_block, dm.norm_chunk = block, chunk
-            if args.rank_limit_scale:  # rank r waits (1 + r * scale) bounds: whose bound ends a stall?
-                dm.limit = int(dm.limit * (1 + rank * args.rank_limit_scale))
+            base_limit = dm.limit
+            if args.rank_limit_scale:  # rank r waits (1 + r * scale) bounds: whose ends a stall?
+                dm.limit = int(base_limit * (1 + rank * args.rank_limit_scale))
             saved = dm.backend
             if variant:
                 dm.backend = ll.backend_for("cuda", variant)
@@ -144,9 +148,7 @@ def rank_main(rank, world, port, args, q):
                        timeout_s=args.timeout)
             print(json.dumps(row), flush=True)
             out.append(row)
-            dm.backend = saved
-            if args.rank_limit_scale:
-                dm.limit = int(dm.limit / (1 + rank * args.rank_limit_scale))
+            dm.backend, dm.limit = saved, base_limit
             del g
             worst = torch.tensor([st.code], device=dev)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -169,7 +171,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--deadline", type=float, default=200.0)
     ap.add_argument("--configs", default=".", help="regex over config labels")
-    ap.add_argument("--rank-limit-scale", type=float, default=0.0)
+    ap.add_argument("--rank-limit-scale", type=float, default=0.0,
+                    help="rank r waits (1 + r * SCALE) times the bound")
     ap.add_argument("--repeat", type=int, default=1, help="run the selected configs N times")
     args = ap.parse_args()
     import multiprocessing as mp

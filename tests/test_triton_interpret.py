@@ -380,6 +380,19 @@ def world_size(request):
     return request.param
 
 
+def test_ll_variant_names():
+    """CCL_LL_VARIANT / backend= names map to the kernels' BACKEND codes; an unknown name is
+    refused with the list of valid ones (not silently replaced by the default)."""
+    pytest.importorskip("triton")
+    from ccl.kernels import ll
+
+    assert ll.backend_for("cuda", "cuda_xchg") == ll.BACKEND_CUDA_XCHG.value
+    assert ll.backend_for("xpu", None) == ll.BACKEND_XPU.value
+    assert ll.backend_for("cpu", None) == ll.BACKEND_INTERPRET.value
+    with pytest.raises(ValueError, match="unknown LL backend variant 'bogus'.*cuda_fenced"):
+        ll.backend_for("cuda", "bogus")
+
+
 def test_device_layout():
     from ccl.device_mailbox import DeviceLayout
 

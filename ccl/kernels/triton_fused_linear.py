@@ -152,6 +152,16 @@ def _gemv_row(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end,
 
 
 @triton.jit
+def _dot_operand(ptr, mask, DT: tl.constexpr, NATIVE: tl.constexpr):
+    """A ``tl.dot`` operand tile: as stored (16-bit, ``NATIVE``) or converted to fp32."""
+    if NATIVE:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        v = _load_f32(ptr, mask, DT)
+    return v
+
+
+@triton.jit
 def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
               XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
@@ -169,12 +179,8 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
     while k0 < K:
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
-        xp = x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :]
-        xm = rmask[:, None] & kmask[None, :]
-        if NATIVE:
-            xt = tl.load(xp, mask=xm, other=0.0)
-        else:
-            xt = _load_f32(xp, xm, XDT)
+        xt = _dot_operand(x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :],
+                          rmask[:, None] & kmask[None, :], XDT, NATIVE)
         if INT4:
             k8 = k0 + tl.arange(0, BK // 8) * 8
             m2 = (k8 < K)[:, None] & cmask[None, :]
@@ -187,12 +193,8 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
             if NATIVE:
                 wt = wt.to(xt.dtype)
         else:
-            wp = w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn
-            wm = kmask[:, None] & cmask[None, :]
-            if NATIVE:
-                wt = tl.load(wp, mask=wm, other=0.0)
-            else:
-                wt = _load_f32(wp, wm, WDT)
+            wt = _dot_operand(w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                              kmask[:, None] & cmask[None, :], WDT, NATIVE)
         if NATIVE:
             acc = tl.dot(xt, wt, acc)
         else:

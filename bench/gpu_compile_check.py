@@ -48,7 +48,7 @@ _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 # Arguments that only some versions of the kernels have (the split fused norm's row scratch
 # and chunk): filled in when the kernel takes them, so the check follows the kernels.
 _OPTIONAL_TYPES = dict(rows_ptr="*i64", chunk="i32")
-_OPTIONAL_CONSTEXPRS = dict(SPLIT=1)
+_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, SKIP_SELF=False)
 
 
 def _sig(fn, types: dict, constexprs: dict):
@@ -104,6 +104,16 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                 8,
             )
         )
+        if "SPANS" in K.all_reduce_kernel.arg_names:  # one-reduction polls, no self poll
+            out.append(
+                (
+                    f"all_reduce dt{dt} w{world} {'two' if two else 'one'} spans be{be}",
+                    K.all_reduce_kernel,
+                    dict(t),
+                    dict(c, SPANS=True, SKIP_SELF=True),
+                    8,
+                )
+            )
         t = _common(
             dict(
                 x_ptr=p,
@@ -149,6 +159,17 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                     2,
                 )
             )
+            if "SPANS" in K.add_rms_norm_kernel.arg_names:
+                out.append(
+                    (
+                        f"add_rms_norm dt{dt} w{world} {'two' if two else 'one'} split8 spans "
+                        f"be{be}",
+                        K.add_rms_norm_kernel,
+                        dict(t),
+                        dict(c, SPANS=True, SKIP_SELF=True),
+                        2,
+                    )
+                )
     for dt, world, be in itertools.product(dts, worlds, backends):
         p = _PTR[dt]
         t = _common(
@@ -420,6 +441,7 @@ def run_fused(target, quick, backends, rows):
                 row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
                 # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
                 row["warp_max"] = ptx.count("redux.sync.max")
+                row["bar_sync"] = ptx.count("bar.sync")
             except Exception as e:  # noqa: BLE001 - reported
                 failed += 1
                 row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
@@ -466,6 +488,7 @@ def main(argv=None) -> int:
                 row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
                 # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
                 row["warp_max"] = ptx.count("redux.sync.max")
+                row["bar_sync"] = ptx.count("bar.sync")
                 row["st_global_b64"] = ptx.count("st.global.b64") + ptx.count("st.global.v2.b64")
         except Exception as e:  # noqa: BLE001 - reported
             failed += 1

@@ -886,6 +886,103 @@ def timing(mb, rank, world, dev, res, quick):
     res["timing_fused_us"] = F
 
 
+# (name, max_block, ar_warps, fast_poll, skip_self, algorithm); "base" is today's default and
+# runs first and last, so a drift over the sweep shows.
+POLL_SWEEP = [
+    ("base", 1024, 0, False, False, "one_shot"),
+    ("fast", 1024, 0, True, False, "one_shot"),
+    ("skip", 1024, 0, False, True, "one_shot"),
+    ("fast+skip", 1024, 0, True, True, "one_shot"),
+    ("fast+skip b128 w1", 128, 1, True, True, "one_shot"),
+    ("fast+skip b256 w1", 256, 1, True, True, "one_shot"),
+    ("fast+skip b512 w1", 512, 1, True, True, "one_shot"),
+    ("fast+skip b512 w2", 512, 2, True, True, "one_shot"),
+    ("fast+skip b1024 w2", 1024, 2, True, True, "one_shot"),
+    ("fast+skip b1024 w4", 1024, 4, True, True, "one_shot"),
+    ("two base", 1024, 0, False, False, "two_shot"),
+    ("two fast+skip", 1024, 0, True, True, "two_shot"),
+    ("two fast+skip b512 w2", 512, 2, True, True, "two_shot"),
+    ("base again", 1024, 0, False, False, "one_shot"),
+]
+
+
+def poll_sweep(mb, rank, world, dev, res):
+    """All-reduce and fused-norm latency (graph replay p50) over the poll variants and program
+    shapes of POLL_SWEEP, each call's result checked against the reference first."""
+    saved = (mb.max_block, mb.ar_warps, mb.fast_poll, mb.skip_self)
+    sizes = [("8B fp32", torch.float32, 2)] + [
+        (f"{kb}KB bf16", torch.bfloat16, kb * 512) for kb in (1, 8, 16, 64, 256)
+    ]
+    # Compile every variant first (a rank compiling while its peer spins would look slow).
+    tc = time.time()
+    mb._compile_only = True
+    try:
+        for label, dt, numel in sizes:
+            x = torch.empty(numel, dtype=dt, device=dev)
+            for name, blk, warps, fast, skip, algo in POLL_SWEEP:
+                mb.max_block, mb.ar_warps, mb.fast_poll, mb.skip_self = blk, warps, fast, skip
+                mb.all_reduce(x, torch.empty_like(x), algorithm=algo)
+        for rows, cols in ((1, 4096), (8, 7168)):
+            x = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
+            for fast in (False, True):
+                for skip in (False, True):
+                    mb.fast_poll, mb.skip_self = fast, skip
+                    mb.add_rms_norm(x, x, x[0], 1e-6, out=x, residual_out=x)
+    finally:
+        mb._compile_only = False
+        mb.max_block, mb.ar_warps, mb.fast_poll, mb.skip_self = saved
+    log(rank, f"# sweep compile: {time.time() - tc:.0f}s")
+    dist.barrier()
+    S = {}
+    g = torch.Generator(device=dev).manual_seed(1234 + rank)
+    for label, dt, numel in sizes:
+        x = torch.randn(numel, device=dev, generator=g).to(dt)
+        ref = torch.stack(gather(x.float(), world)).sum(0)
+        out = torch.empty_like(x)
+        row = {}
+        for name, blk, warps, fast, skip, algo in POLL_SWEEP:
+            if algo == "two_shot" and numel < 8192:
+                continue
+            mb.max_block, mb.ar_warps, mb.fast_poll, mb.skip_self = blk, warps, fast, skip
+            out.fill_(float("nan"))
+            mb.all_reduce(x, out, algorithm=algo)
+            sync_check(mb, dev)
+            err = (out.float() - ref).abs().max().item()
+            ok = err <= (1e-5 if dt == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
+            row[name] = dict(time_graph(lambda: mb.all_reduce(x, out, algorithm=algo)), ok=ok)
+            sync_check(mb, dev)
+        y = x.clone()
+        row["nccl"] = time_graph(lambda: dist.all_reduce(y))
+        S[label] = row
+        best = min((v["p50"], k) for k, v in row.items() if k != "nccl")
+        log(rank, f"  sweep {label:>10}: base {row['base']['p50']:.2f} / again "
+            f"{row['base again']['p50']:.2f}, best {best[0]:.2f} ({best[1]}), nccl "
+            f"{row['nccl']['p50']:.2f}")
+    mb.max_block, mb.ar_warps = saved[0], saved[1]
+    N = {}
+    for rows, cols in ((1, 4096), (8, 7168)):
+        dt = torch.bfloat16
+        x = torch.randn(rows, cols, device=dev).to(dt)
+        resid = torch.randn(rows, cols, device=dev).to(dt)
+        w = torch.randn(cols, device=dev).to(dt)
+        row = {}
+        for fast, skip in ((False, False), (True, False), (False, True), (True, True),
+                           (False, False)):
+            mb.fast_poll, mb.skip_self = fast, skip
+            key = f"fast{int(fast)} skip{int(skip)}"
+            key = key + " again" if key in row else key
+            row[key] = time_graph(
+                lambda: mb.add_rms_norm(x, resid, w, 1e-6, out=x, residual_out=resid)
+            )
+            sync_check(mb, dev)
+        N[f"{rows}x{cols} bf16"] = row
+        log(rank, f"  sweep norm {rows}x{cols}: " + ", ".join(
+            f"{k} {v['p50']:.2f}" for k, v in row.items()))
+    mb.max_block, mb.ar_warps, mb.fast_poll, mb.skip_self = saved
+    res["poll_sweep_all_reduce_us"] = S
+    res["poll_sweep_norm_us"] = N
+
+
 def targets(res):
     T, F = res.get("timing_all_reduce_us", {}), res.get("timing_fused_us", {})
     out = []
@@ -1165,9 +1262,10 @@ def rank_main(rank, world, args, port):
         ),
         ("mismatch", lambda: mismatch_check(mb, rank, world, dev, res)),
         ("timing", lambda: timing(mb, rank, world, dev, res, args.quick)),
+        ("sweep", lambda: poll_sweep(mb, rank, world, dev, res)),
     ]
     broken = False
-    budgets = dict(eager=100, graph=130, mismatch=40, timing=170)
+    budgets = dict(eager=100, graph=130, mismatch=40, timing=170, sweep=200)
     for name, fn in steps:
         if name in args.skip or broken:
             continue
@@ -1272,10 +1370,13 @@ def main():
     ap.add_argument("--precompile-only", action="store_true", help="fill the Triton cache and exit")
     ap.add_argument("--algos", default="one_shot,two_shot", help="algorithms to check and time")
     ap.add_argument(
-        "--skip", default="", help="comma list of steps: eager,graph,mismatch,timing,timeout"
+        "--skip", default="", help="comma list of steps: eager,graph,mismatch,timing,sweep,timeout"
     )
+    ap.add_argument("--sweep", action="store_true", help="also run the poll-variant sweep")
     args = ap.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    if not args.sweep:
+        args.skip.add("sweep")
     global ALGOS
     ALGOS = tuple(a for a in args.algos.split(",") if a)
     os.environ["CCL_VALIDATE_ALGOS"] = ",".join(ALGOS)

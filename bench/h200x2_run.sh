@@ -14,6 +14,8 @@
 #   stall        stall_probe: the configurations that stalled before session 4's fix
 #   rank_limits  stall_probe with rank 1 waiting 3x longer than rank 0 (whose bound ends a stall)
 #   blocks       gpu_validate with 256- and 1024-word all-reduce programs
+#   sweep        gpu_validate's poll-variant sweep (program shapes, one-reduction polls,
+#                no self poll) of all-reduce and fused norm, vs NCCL
 # Results go to $OUT (the device tool brings back at most 8 files: choose steps accordingly).
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}
@@ -73,5 +75,12 @@ if want blocks; then
             --quick --algos one_shot --timeout 30 --skip timeout,mismatch \
             --checked-replays 1000000 >>"$log" 2>&1 || say "gpu_validate rc=$?"
     done
+fi
+if want sweep; then
+    say "poll sweep"
+    mkdir -p "$OUT/sweep"
+    timeout 300 python3 bench/gpu_validate.py --out "$OUT/sweep" --quick --sweep \
+        --skip eager,graph,mismatch,timing,timeout --timeout 30 >>"$log" 2>&1 \
+        || say "gpu_validate sweep rc=$?"
 fi
 say "done"

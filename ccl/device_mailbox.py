@@ -235,6 +235,15 @@ class DeviceMailbox:
         #: largest payload block (words) of one all-reduce program, CCL_DEVICE_MAX_BLOCK (2x H200,
         #: session 4: 256-word programs measure the same as 1024-word ones, h200x2-s4-blocks.log)
         self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
+        #: warps per all-reduce program (0: one per 128 payload words, 1..8); a bench knob,
+        #: CCL_DEVICE_AR_WARPS
+        self.ar_warps = int(os.environ.get("CCL_DEVICE_AR_WARPS", "0"))
+        #: polls with one cross-warp reduction instead of two (``_poll_code`` SPANS) wherever
+        #: the block covers every warp; CCL_DEVICE_FAST_POLL=0 turns it off
+        self.fast_poll = os.environ.get("CCL_DEVICE_FAST_POLL", "0") != "0"
+        #: no poll of our own (empty) hop-1 slot (``_exchange`` SKIP_SELF);
+        #: CCL_DEVICE_SKIP_SELF=0 turns it off
+        self.skip_self = os.environ.get("CCL_DEVICE_SKIP_SELF", "0") != "0"
         #: fused norm: payload words per program when a row is split over programs (CUDA;
         #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
         #: on 2x H200. (Its session-2 hangs were the per-warp spin exits, docs/TRITON.md.)
@@ -502,6 +511,7 @@ class DeviceMailbox:
             GEMMA=bool(gemma),
             SOLO=rows * split == 1,
             BACKEND=self.backend,
+            **self._poll_variant(block, self.norm_warps or warps),
             num_warps=self.norm_warps or warps,
         )
         return out, residual_out
@@ -603,6 +613,8 @@ class DeviceMailbox:
         block = max(block, _next_pow2(_cdiv(n_words, _MAX_AR_PROGRAMS)))
         grid = max(1, _cdiv(n_words, block))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8) if two else 0
+        warps = self.ar_warps or block // 128
+        warps = max(1, min(8, warps, block // 32))
         self._launch(
             K.all_reduce_kernel,
             (grid,),
@@ -619,7 +631,16 @@ class DeviceMailbox:
             TWO_SHOT=two,
             SOLO=grid == 1,
             BACKEND=self.backend,
-            num_warps=max(1, min(8, block // 128)),
+            **self._poll_variant(block, warps),
+            num_warps=warps,
+        )
+
+    def _poll_variant(self, block: int, warps: int) -> dict:
+        """The polls' constexprs: SPANS only where a ``block``-lane block has lanes in every
+        one of ``warps`` warps (what makes its single reduction cross-warp)."""
+        return dict(
+            SPANS=self.fast_poll and block >= 32 * warps,
+            SKIP_SELF=self.skip_self,
         )
 
     def _launch(self, kernel, grid, *args, **kwargs):

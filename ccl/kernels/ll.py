@@ -234,8 +234,22 @@ def all_warps_max(x):
 
 
 @triton.jit
-def wait(ptr_a, mask_a, ptr_b, mask_b, flag, limit, BACKEND: tl.constexpr):
-    """Bounded spin until every packet of the two blocks (a, b: any shapes) carries ``flag``.
+def _pending(ra, rb, SPANS: tl.constexpr):
+    """Uniform across warps: > 0 while a lane of ``ra``/``rb`` (ready masks) is not ready.
+    ``SPANS``: both blocks have one shape whose lanes cover every warp, so one max over them
+    is already a cross-warp reduction (one shared-memory round instead of three)."""
+    if SPANS:
+        p = tl.max(((ra == 0) | (rb == 0)).to(tl.int32), 0)
+    else:
+        p = all_warps_max(tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0))
+    return p
+
+
+@triton.jit
+def wait(ptr_a, mask_a, ptr_b, mask_b, flag, limit, BACKEND: tl.constexpr,
+         SPANS: tl.constexpr = False):
+    """Bounded spin until every packet of the two blocks (a, b: any shapes; with ``SPANS``,
+    one shape spread over every warp) carries ``flag``.
 
     Returns ``(words_a, words_b, ready)``; ``ready`` is false when ``limit`` polls passed
     first. Lanes that are ready are not read again.
@@ -244,18 +258,14 @@ def wait(ptr_a, mask_a, ptr_b, mask_b, flag, limit, BACKEND: tl.constexpr):
     wb = load(ptr_b, mask_b, BACKEND)
     ra = (flag_of(wa) == flag) | (mask_a == 0)
     rb = (flag_of(wb) == flag) | (mask_b == 0)
-    pending = all_warps_max(
-        tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
-    )
+    pending = _pending(ra, rb, SPANS)
     spins = 0
     while (pending > 0) & (spins < limit):
         wa = tl.where(ra, wa, load(ptr_a, mask_a & (ra == 0), BACKEND))
         wb = tl.where(rb, wb, load(ptr_b, mask_b & (rb == 0), BACKEND))
         ra = (flag_of(wa) == flag) | (mask_a == 0)
         rb = (flag_of(wb) == flag) | (mask_b == 0)
-        pending = all_warps_max(
-            tl.sum((ra == 0).to(tl.int32), 0) + tl.sum((rb == 0).to(tl.int32), 0)
-        )
+        pending = _pending(ra, rb, SPANS)
         spins += 1
     return wa, wb, pending == 0
 

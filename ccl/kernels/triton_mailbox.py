@@ -132,30 +132,48 @@ def _header(h0, h1, h2, h3):
 
 
 @triton.jit
-def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, ctrl, BACKEND: tl.constexpr):
+def _poll_code(rw, rh, h, hmask, my_hdr, SPANS: tl.constexpr):
+    """One poll's verdict, the same in every warp: MISMATCH when a header word that arrived
+    differs from ours, else > 0 while words are missing, 0 when all arrived.
+
+    The header block (4 words) is replicated across warps and each warp reads its own copy,
+    so its sum is per warp. ``SPANS`` (the payload block has lanes in every warp, i.e. BLOCK
+    >= 32 * num_warps: the host guarantees it where it passes True) folds that per-warp
+    header code into the payload lanes, and one max over the payload block is then the
+    cross-warp reduction: one shared-memory round per poll. Otherwise a sum over the payload
+    and ``ll.all_warps_max`` make two."""
+    hs = tl.sum(tl.where(rh, tl.where(hmask & (ll.data_of(h) != my_hdr), 16, 0), 1), 0)
+    if SPANS:
+        hcode = tl.where(hs >= 16, MISMATCH, hs)
+        code = tl.max(tl.maximum((rw == 0).to(tl.int32), hcode), 0)
+    else:
+        code = ll.all_warps_max(
+            tl.where(hs >= 16, MISMATCH, tl.sum((rw == 0).to(tl.int32), 0) + hs)
+        )
+    return code
+
+
+@triton.jit
+def _wait_peer(ptr, mask, hptr, hmask, my_hdr, flag, limit, ctrl, BACKEND: tl.constexpr,
+               SPANS: tl.constexpr = False):
     """Bounded spin on one source's payload words and header. Returns (words, header words,
-    status): 0 ready, 1 timed out, 2 the header differs from ours (stops at once). One block
-    reduction per poll for the payload and one for the header (a header lane counts 1 while
-    not ready, 16 when ready but different: at most 4 lanes, so >= 16 means a mismatch)."""
+    status): 0 ready, 1 timed out, 2 the header differs from ours (stops at once). A header
+    lane counts 1 while not ready, 16 when ready but different (at most 4 lanes, so >= 16
+    means a mismatch); ``_poll_code`` makes the verdict uniform across warps (``SPANS``: see
+    there)."""
     hl = tl.arange(0, HEADER_WORDS)
     w = ll.load(ptr, mask, BACKEND)
     h = ll.load(hptr + hl, hmask, BACKEND)
     rw = (ll.flag_of(w) == flag) | (mask == 0)
     rh = (ll.flag_of(h) == flag) | (hmask == 0)
-    hs = tl.sum(tl.where(rh, tl.where(hmask & (ll.data_of(h) != my_hdr), 16, 0), 1), 0)
-    # One uniform word per poll (ll.all_warps_max): a mismatch in any warp's copy of the
-    # header (MISMATCH), else the most words still missing in any warp's copy.
-    code = ll.all_warps_max(tl.where(hs >= 16, MISMATCH, tl.sum((rw == 0).to(tl.int32), 0) + hs))
+    code = _poll_code(rw, rh, h, hmask, my_hdr, SPANS)
     spins = 0
     while (code > 0) & (code < MISMATCH) & (spins < limit):
         w = tl.where(rw, w, ll.load(ptr, mask & (rw == 0), BACKEND))
         h = tl.where(rh, h, ll.load(hptr + hl, hmask & (rh == 0), BACKEND))
         rw = (ll.flag_of(w) == flag) | (mask == 0)
         rh = (ll.flag_of(h) == flag) | (hmask == 0)
-        hs = tl.sum(tl.where(rh, tl.where(hmask & (ll.data_of(h) != my_hdr), 16, 0), 1), 0)
-        code = ll.all_warps_max(
-            tl.where(hs >= 16, MISMATCH, tl.sum((rw == 0).to(tl.int32), 0) + hs)
-        )
+        code = _poll_code(rw, rh, h, hmask, my_hdr, SPANS)
         spins += 1
     status = tl.where(code >= MISMATCH, 2, tl.where(code > 0, 1, 0))
     if spins > LONG_WAIT_SPINS:  # uniform branch, off the fast path
@@ -209,12 +227,18 @@ def _exchange(
     WORLD: tl.constexpr,
     TWO_SHOT: tl.constexpr,
     BACKEND: tl.constexpr,
+    SPANS: tl.constexpr = False,
+    SKIP_SELF: tl.constexpr = False,
 ):
     """All-reduce of payload words ``w`` (a block of word indices, ``wmask`` valid) whose
     local data is ``my_data`` (int64, low 32 bits) and fp32 values ``own_lo``/``own_hi``
     (elements of word dtype ``WDT``: 0 fp32 one per word, 1 bf16 / 2 fp16 two per word).
     ``first``: this program publishes the header. Returns (sum lo, sum hi, failed): fp32
-    sums in rank order 0..WORLD-1, identical on every rank and for both algorithms."""
+    sums in rank order 0..WORLD-1, identical on every rank and for both algorithms.
+
+    ``SPANS``: the block ``w`` has lanes in every warp (BLOCK >= 32 * num_warps), so a poll
+    needs one cross-warp reduction (``_poll_code``). ``SKIP_SELF``: no poll at all of our own
+    (empty) slot, a uniform branch instead of a masked poll with its reduction."""
     flag = seq & ll.LOW32
     phase = seq & 1
     hl = tl.arange(0, HEADER_WORDS)
@@ -258,17 +282,29 @@ def _exchange(
         is_me = rank == src
         slot = me + hop1_off + (phase * WORLD + src) * slot_words
         lim = tl.where(failed != 0, 0, limit)
-        words, theirs, st = _wait_peer(
-            slot + woff,
-            ll.both(need, is_me == 0),
-            slot,
-            ll.both(hl < HEADER_WORDS, is_me == 0),
-            my_hdr,
-            flag,
-            lim,
-            ctrl,
-            BACKEND,
-        )
+        if SKIP_SELF:
+            if is_me:  # uniform: our own values are added below, nothing to wait for
+                words = my_words
+                theirs = hdr_words
+                st = tl.zeros([], tl.int32)
+            else:
+                words, theirs, st = _wait_peer(
+                    slot + woff, need, slot, hl < HEADER_WORDS, my_hdr, flag, lim, ctrl,
+                    BACKEND, SPANS,
+                )
+        else:
+            words, theirs, st = _wait_peer(
+                slot + woff,
+                ll.both(need, is_me == 0),
+                slot,
+                ll.both(hl < HEADER_WORDS, is_me == 0),
+                my_hdr,
+                flag,
+                lim,
+                ctrl,
+                BACKEND,
+                SPANS,
+            )
         if st != 0:  # uniform branch: the bookkeeping costs nothing on the fast path
             _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
         failed = failed | (st != 0).to(tl.int32)
@@ -312,7 +348,7 @@ def _exchange(
             rem_hi = rem
         else:
             rem_hi = rem & (w < 0)
-        g_lo, g_hi, ok = ll.wait(src2, rem, src2 + 1, rem_hi, flag, lim, BACKEND)
+        g_lo, g_hi, ok = ll.wait(src2, rem, src2 + 1, rem_hi, flag, lim, BACKEND, SPANS)
         if (ok == 0) & (failed == 0):
             late = rem & ((ll.flag_of(g_lo) != flag) | (rem_hi & (ll.flag_of(g_hi) != flag)))
             tl.atomic_or(ctrl + CTRL_MISSING + owner * 0, one << owner.to(tl.int64), mask=late)
@@ -435,6 +471,8 @@ def all_reduce_kernel(
     TWO_SHOT: tl.constexpr,
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
+    SPANS: tl.constexpr = False,
+    SKIP_SELF: tl.constexpr = False,
 ):
     """out = sum_r x_r over ``numel`` elements (``n_words`` payload words). Program j owns
     payload words [j*BLOCK, (j+1)*BLOCK). out may alias x. ``n_words == 0``: header-only
@@ -479,6 +517,8 @@ def all_reduce_kernel(
         WORLD,
         TWO_SHOT,
         BACKEND,
+        SPANS,
+        SKIP_SELF,
     )
     ok = failed == 0
     tl.store(out_ptr + e_lo, ll.from_f32(acc_lo, DTYPE), mask=ll.both(m_lo, ok))
@@ -592,6 +632,8 @@ def add_rms_norm_kernel(
     GEMMA: tl.constexpr,
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
+    SPANS: tl.constexpr = False,
+    SKIP_SELF: tl.constexpr = False,
 ):
     """Program (row, part) of a (rows, SPLIT) grid holds payload words [part*chunk,
     (part+1)*chunk) of one row of ``cols`` elements. Payload rows are padded to ``wpr`` words
@@ -653,6 +695,8 @@ def add_rms_norm_kernel(
         WORLD,
         TWO_SHOT,
         BACKEND,
+        SPANS,
+        SKIP_SELF,
     )
     if HAS_RES:
         acc_lo = acc_lo + r_lo

@@ -48,7 +48,7 @@ _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 # Arguments that only some versions of the kernels have (the split fused norm's row scratch
 # and chunk): filled in when the kernel takes them, so the check follows the kernels.
 _OPTIONAL_TYPES = dict(rows_ptr="*i64", chunk="i32")
-_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, SKIP_SELF=False)
+_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0)
 
 
 def _sig(fn, types: dict, constexprs: dict):
@@ -110,7 +110,7 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                     f"all_reduce dt{dt} w{world} {'two' if two else 'one'} spans be{be}",
                     K.all_reduce_kernel,
                     dict(t),
-                    dict(c, SPANS=True, SKIP_SELF=True),
+                    dict(c, SPANS=True, POLL_DELAY=300),
                     8,
                 )
             )
@@ -166,7 +166,7 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                         f"be{be}",
                         K.add_rms_norm_kernel,
                         dict(t),
-                        dict(c, SPANS=True, SKIP_SELF=True),
+                        dict(c, SPANS=True, POLL_DELAY=300),
                         2,
                     )
                 )

@@ -241,9 +241,9 @@ class DeviceMailbox:
         #: polls with one cross-warp reduction instead of two (``_poll_code`` SPANS) wherever
         #: the block covers every warp; CCL_DEVICE_FAST_POLL=0 turns it off
         self.fast_poll = os.environ.get("CCL_DEVICE_FAST_POLL", "0") != "0"
-        #: no poll of our own (empty) hop-1 slot (``_exchange`` SKIP_SELF);
-        #: CCL_DEVICE_SKIP_SELF=0 turns it off
-        self.skip_self = os.environ.get("CCL_DEVICE_SKIP_SELF", "0") != "0"
+        #: nanoseconds between our publishes and the first poll (CUDA; a bench knob,
+        #: CCL_DEVICE_POLL_DELAY_NS)
+        self.poll_delay_ns = int(os.environ.get("CCL_DEVICE_POLL_DELAY_NS", "0"))
         #: fused norm: payload words per program when a row is split over programs (CUDA;
         #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
         #: on 2x H200. (Its session-2 hangs were the per-warp spin exits, docs/TRITON.md.)
@@ -640,7 +640,7 @@ class DeviceMailbox:
         one of ``warps`` warps (what makes its single reduction cross-warp)."""
         return dict(
             SPANS=self.fast_poll and block >= 32 * warps,
-            SKIP_SELF=self.skip_self,
+            POLL_DELAY=self.poll_delay_ns if self.device.type == "cuda" else 0,
         )
 
     def _launch(self, kernel, grid, *args, **kwargs):

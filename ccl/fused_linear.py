@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import functools
 import logging
+import os
 import struct
 import weakref
 
@@ -22,7 +23,7 @@ import torch
 
 from ccl import _C
 from ccl.comm import Communicator, NormStyle
-from ccl.errors import CclError
+from ccl.errors import CclError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ __all__ = ["Int4Weights", "linear_all_reduce_add_rms_norm", "linear_partial",
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KIND_DENSE_KN, _KIND_DENSE_NK, _KIND_INT4 = 0, 1, 2
 _GROUP_SIZES = (32, 64, 128)
-_MAX_ROW = 16384  # device epilogue: one program holds a whole row
+_MAX_ROW = 16384  # device kernel: longest row (columns); longer rows take the unfused path
 _MAX_ROWS = 64  # device kernel: rows per launch (triton_fused_linear.MAX_ROWS)
 
 
@@ -585,13 +586,56 @@ def _routing_args(topk_ids, topk_weights, x, weight, quant):
 
 def device_kernel_fits(dm, m: int, n: int) -> bool:
     """Whether an [M, N] fp32 partial fits the fused device kernel on ``dm``: the mailbox
-    capacity, one epilogue program per row, at most MAX_ROWS rows (else the callers take the
+    capacity, rows of at most 16384 columns, at most MAX_ROWS rows (else the callers take the
     unfused path: partial, all-reduce, norm)."""
     return m * n <= dm.layout.cap_words and n <= _MAX_ROW and m <= _MAX_ROWS
 
 
 def _launch_now(kernel, grid, *args, **kwargs):
     kernel[grid](*args, **kwargs)
+
+
+# Epilogue of the fused kernels: each row's final pass (normalise and store) is split over
+# several programs of ``chunk`` columns each. CCL_FUSED_EPILOGUE_SPLIT (read once) sets the
+# programs per row: 1 is one program per row (rows up to _EPI_MAX_COLS), 0 or unset the
+# default below. Not measured yet on 2x H200 (bench/gpu_fused_linear.py --variants
+# default,split1,split2,split4,split8 sweeps it).
+_EPI_MAX_COLS = 4096  # most columns of one epilogue program: one block, 32 fp32 per thread
+_EPI_AUTO_COLS = 512  # default: one program per this many columns ...
+_EPI_AUTO_MAX = 8  # ... and at most this many per row
+_EPI_SPLIT_ENV = "CCL_FUSED_EPILOGUE_SPLIT"
+
+
+@functools.lru_cache(maxsize=1)
+def _env_epilogue_split() -> int:
+    raw = os.environ.get(_EPI_SPLIT_ENV, "0").strip() or "0"
+    try:
+        v = int(raw)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise ConfigError(f"{_EPI_SPLIT_ENV}={raw!r}: expected an integer >= 0 (programs per "
+                          "row of the fused epilogue; 0 = the default)")
+    return v
+
+
+def epilogue_split(cols: int, split: int | None = None) -> tuple[int, int, int]:
+    """(parts, chunk, block): the epilogue of a row of ``cols`` columns runs as ``parts``
+    programs of ``chunk`` columns (a multiple of 16, so every chunk starts aligned; the last
+    one may be shorter), each one block of ``block`` lanes (a power of two >= chunk).
+    ``split``: the programs per row wanted (None: CCL_FUSED_EPILOGUE_SPLIT; 0: the default,
+    one per 512 columns, 1 to 8); rows longer than 4096 columns get at least enough programs
+    for 4096 columns each."""
+    if split is None:
+        split = _env_epilogue_split()
+    if split < 0:
+        raise ValueError(f"epilogue split must be >= 0, got {split}")
+    if split == 0:
+        split = min(_EPI_AUTO_MAX, max(1, cols // _EPI_AUTO_COLS))
+    split = max(split, -(-cols // _EPI_MAX_COLS))
+    chunk = -(-cols // split)
+    chunk = -(-chunk // 16) * 16
+    return -(-cols // chunk), chunk, max(16, _next_pow2(chunk))
 
 
 def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
@@ -652,11 +696,12 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
 
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
                                gemma=False, out, residual_out, tiles=None, topk_ids=None,
-                               topk_weights=None, epi_block=4096):
+                               topk_weights=None, epi_split=None):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
     interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K (MoE: ``[M*k, K]``
     with ``topk_ids`` / ``topk_weights`` ``[M, k]`` and stacked weights); outputs / residual
-    contiguous ``[M, N]``. Collective, asynchronous (``dm.raise_if_failed()``)."""
+    contiguous ``[M, N]``; ``epi_split``: epilogue programs per row (:func:`epilogue_split`).
+    Collective, asynchronous (``dm.raise_if_failed()``)."""
     from ccl.kernels import triton_fused_linear as F
 
     state = _DEVICE_STATES.get(dm)
@@ -680,21 +725,21 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
          n & 0xFFFFFFFF, _f32_bits(eps))
     t = tiles or gemv_tiles(m, quant is not None, moe=topk > 0)
     n_tiles = (n + t.bn - 1) // t.bn
-    block_row = max(16, _next_pow2(n))
+    parts, chunk, block = epilogue_split(n, epi_split)
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
     # nothing, so benches can compile every variant before any rank waits on a peer.
     dm._launch(
-        F.linear_add_rms_norm_kernel, (n_tiles + m,),
+        F.linear_add_rms_norm_kernel, (n_tiles + m * parts,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group,
         residual if residual is not None else out, norm_weight, out,
         residual_out if residual_out is not None else out,
-        m, k, n, n_tiles, float(eps), state.ws,
+        m, k, n, n_tiles, float(eps), state.ws, parts, chunk,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         ids, tw, swe, sse, n_experts,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
-        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=min(block_row, _next_pow2(epi_block)),
+        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, HAS_RES=residual is not None,
         HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,
         num_warps=t.num_warps,
@@ -711,10 +756,11 @@ def device_qk_kernel_fits(dm, m: int, n: int, bn: int = 16) -> bool:
 
 
 def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, q_cols, k_cols,
-                              out, tiles=None, epi_block=1024):
+                              out, tiles=None, epi_split=None):
     """The fused QKV + Q/K-norm kernel (``linear_qk_rms_norm_kernel``) on a
     :class:`ccl.device_mailbox.DeviceMailbox` (also the interpreter's "cpu" mailbox): ``x``
-    ``[M, K]`` with unit stride in K, ``out`` ``[M, N]`` contiguous. Collective,
+    ``[M, K]`` with unit stride in K, ``out`` ``[M, N]`` contiguous; ``epi_split``: epilogue
+    programs per row over the q and k columns (:func:`epilogue_split`). Collective,
     asynchronous (``dm.raise_if_failed()``)."""
     from ccl.kernels import triton_fused_linear as F
 
@@ -732,15 +778,16 @@ def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, 
         raise ValueError("q_cols and k_cols must be below 65536")
     h = ((F.OP_LINEAR_QK_RMS_NORM << 24) | (code << 16) | (F.FLAG_INT4 if quant is not None else 0),
          (m * n) & 0xFFFFFFFF, (q_cols << 16) | k_cols, _f32_bits(eps))
+    parts, chunk, block = epilogue_split(q_cols + k_cols, epi_split)
     dm._launch(
-        F.linear_qk_rms_norm_kernel, (n_tiles + m,),
+        F.linear_qk_rms_norm_kernel, (n_tiles + m * parts,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, q_weight, k_weight,
-        m, k, n, q_cols, k_cols, n_tiles, float(eps), state.ws,
+        m, k, n, q_cols, k_cols, n_tiles, float(eps), state.ws, parts, chunk,
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None),
-        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=_next_pow2(epi_block),
+        BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, BACKEND=dm.backend, num_warps=t.num_warps,
     )
     return out

@@ -122,9 +122,7 @@ def _run_ops(rank, world, seed, mb, n_calls, digests):
         dtype = sched.choice(_DTYPES)
         esize = torch.tensor([], dtype=dtype).element_size()
         mb.max_block = sched.choice([32, 64, 128, 1024])  # varies the grid between calls
-        # and the poll variants (one-reduction polls, no poll of our own slot), per call
-        mb.fast_poll = sched.random() < 0.5
-        mb.skip_self = sched.random() < 0.5
+        mb.fast_poll = sched.random() < 0.5  # and the poll variant (one-reduction polls)
         g = [_gen(seed, call, r) for r in range(world)]
         if op == "ar":
             numel = sched.randint(1, CAP // esize)

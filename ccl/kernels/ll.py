@@ -214,6 +214,16 @@ def load(ptr, mask, BACKEND: tl.constexpr):
     return w
 
 
+@triton.jit
+def pause(ns: tl.constexpr, BACKEND: tl.constexpr):
+    """Sleep about ``ns`` nanoseconds (CUDA ``nanosleep``); nothing on other backends."""
+    if (BACKEND == BACKEND_CUDA) or (BACKEND == BACKEND_CUDA_FENCED):
+        tl.inline_asm_elementwise(
+            "nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [tl.full([], ns, tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )
+
+
 # Spin-loop control must be the same in every warp of a program. A block smaller than the
 # program's threads (a 4-word header, a 2-word qk exchange, a 16-column tile) is replicated
 # across warps, and each warp polls its own copy at its own time: warps then disagree on

@@ -4,8 +4,9 @@ the GEMV. Same wire format and device layout as ``ccl.kernels.triton_mailbox`` (
 hop-1 slots ``[phase][src]`` with a 4-word header then payload at ``PAYLOAD_OFFSET``), whose
 helpers and constants this module imports.
 
-One launch has ``n_tiles + M`` programs. Each program first takes a **ticket** from a counter
-(``aux[AUX_TICKET]``); tickets, not program ids, assign the work:
+One launch has ``n_tiles + M * P`` programs (``P``: epilogue programs per row, chosen by the
+host). Each program first takes a **ticket** from a counter (``aux[AUX_TICKET]``); tickets,
+not program ids, assign the work:
 
 * ticket ``t < n_tiles`` -- a column tile: computes this rank's fp32 partial of columns
   ``[t*BN, (t+1)*BN)`` for every row (``x @ W``, or the routed MoE down projection), publishes
@@ -14,13 +15,16 @@ One launch has ``n_tiles + M`` programs. Each program first takes a **ticket** f
   0..WORLD-1 in fp32 (so every rank holds bitwise-identical sums), adds the residual, and
   leaves the pre-norm values and the tile's per-row sum of squares in a scratch of this rank
   (``ws``), counting the row done in ``aux[AUX_ROWS + m]``.
-* ticket ``t >= n_tiles`` -- the epilogue of row ``m = t - n_tiles``: waits until all
-  ``n_tiles`` tiles counted the row, adds the per-tile sums of squares in tile order and
-  writes ``residual_out`` and the normalised ``out``.
+* ticket ``t >= n_tiles`` -- part ``p`` of the epilogue of row ``m`` (``t - n_tiles = m * P
+  + p``): waits until all ``n_tiles`` tiles counted the row, adds the per-tile sums of
+  squares in tile order (every part the same way, so every part gets the same bits) and
+  writes ``residual_out`` and the normalised ``out`` for its column chunk.
 
 So the all-reduce is spread over the tile programs (each waits only for its own tile, which
 the peer's same tile publishes before it waits), and the epilogue is one counter poll and one
-pass over memory that is already summed. Tickets make every wait safe: a tile's peer tile is
+pass over memory that is already summed, split over ``P`` programs per row. What does not
+depend on a wait is loaded before it (the residual before a tile's publish, the norm weight
+before an epilogue's counter poll). Tickets make every wait safe: a tile's peer tile is
 published by a program that never waits before publishing, and, both ranks handing tickets out
 in order, the lowest waiting ticket's peer is always running or about to (no circular wait
 whatever the number of tiles); an epilogue program only exists after every tile ticket was
@@ -31,8 +35,8 @@ epilogues run after every tile.
 
 The partial travels in fp32 (no rounding between the GEMV and the norm). Sequence number,
 done counter, status words and bounded waits are those of ``triton_mailbox`` (``ctrl``);
-the last program to finish publishes ``seq`` and resets the done counter, the ticket and the
-failure flag. Every 2^31 calls the unused tails of our peers' slots are rewritten with the
+the last program to finish publishes ``seq`` and resets the done counter, the ticket, the
+failure flag and the row counters (a row's counter has ``P`` readers, all done by then). Every 2^31 calls the unused tails of our peers' slots are rewritten with the
 current flag (``_scrub``), so no stale word can carry a matching 32-bit flag.
 
 INT4 weights: GPTQ / AutoRound symmetric (vLLM's layout, see ``ccl.fused_linear``):
@@ -72,6 +76,7 @@ AUX_FAILED = tl.constexpr(1)  # nonzero: a tile program of the running launch fa
 # Row counters sit two cache lines away from the ticket, which every program's start hits.
 AUX_ROWS = tl.constexpr(16)  # [MAX_ROWS]: tile programs that finished row m
 MAX_ROWS = 64  # rows (tokens) of one fused launch
+ROWS_BLOCK = tl.constexpr(MAX_ROWS)  # (the same, inside the kernels)
 AUX_WORDS = 16 + MAX_ROWS
 
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
@@ -231,8 +236,16 @@ def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
 
 
 @triton.jit
+def _failed_flag(aux, BACKEND: tl.constexpr):
+    """``aux[AUX_FAILED]`` as loaded by every thread (polled like the inbox: L1 bypassed on XPU
+    too). Issued before a tile's GEMV, so its latency overlaps the GEMV instead of delaying the
+    first poll of the tile's wait; ``_tile_reduce`` makes it uniform across warps."""
+    return ll.load(aux + AUX_FAILED, tl.full([], 1, tl.int1), BACKEND).to(tl.int32)
+
+
+@triton.jit
 def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase, my_hdr,
-                 hop1_off, slot_words, limit, res_ptr, sums, ssp, tile, n_tiles,
+                 hop1_off, slot_words, limit, res_ptr, sums, ssp, tile, n_tiles, failed_raw,
                  XDT: tl.constexpr, HAS_RES: tl.constexpr, WORLD: tl.constexpr,
                  BACKEND: tl.constexpr):
     """All-reduce of one partial tile (``acc [R, C]`` at ``rows x cols``, fp32), done by the
@@ -241,13 +254,19 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
     0..WORLD-1 (our own values from registers), add the residual, and leave the pre-norm
     row values in ``sums`` and the tile's sum of squares per row in ``ssp[m, tile]`` (fp32
     scratch of this rank) for the epilogue. Then count the rows done in ``aux[AUX_ROWS + m]``
-    (release: the epilogue acquires it before reading the scratch)."""
+    (release: the epilogue acquires it before reading the scratch). ``failed_raw``: the
+    ``_failed_flag`` the caller loaded before the GEMV (nonzero: an earlier tile failed, skip
+    the waits)."""
     hl = tl.arange(0, HEADER_WORDS)
     one = tl.full([], 1, tl.int64)
     NW: tl.constexpr = acc.shape[0] * acc.shape[1]
     words = rows[:, None] * N + cols[None, :]
     rmask = rows < M
     wmask = rmask[:, None] & (cols < N)[None, :]
+    # The residual does not depend on the peers: loaded before the publish, its latency
+    # overlaps the wait instead of following it (the same add after the sum: same bits).
+    if HAS_RES:
+        res = _load_f32(res_ptr + words, wmask, XDT)
     mine1 = hop1_off + (phase * WORLD + rank) * slot_words  # our slot in a peer's hop 1
     for i in tl.static_range(1, WORLD):
         peer = _ptr(table, (rank + i) % WORLD)
@@ -255,10 +274,8 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
                                                                flag), wmask, BACKEND)
     ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
     me = _ptr(table, rank)
-    # an earlier tile failed: skip the waits (polled like the inbox: L1 bypassed on XPU too)
-    failed = ll.all_warps_max(
-        ll.load(aux + AUX_FAILED, tl.full([], 1, tl.int1), BACKEND).to(tl.int32)
-    )
+    # it decides the waits' bounds (a spin loop's exit): the same value in every warp
+    failed = ll.all_warps_max(failed_raw)
     total = tl.zeros(acc.shape, tl.float32)
     for src in tl.static_range(WORLD):
         is_me = rank == src
@@ -281,7 +298,7 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
         else:
             total = total + v
     if HAS_RES:
-        total = total + _load_f32(res_ptr + words, wmask, XDT)
+        total = total + res
     tl.store(sums + words, total, mask=wmask)
     tl.store(ssp + rows * n_tiles + tile, tl.sum(tl.where(wmask, total * total, 0.0), 1),
              mask=rmask)
@@ -313,13 +330,11 @@ def _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND: tl.const
 
 
 @triton.jit
-def _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.constexpr,
-               HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr):
-    """Writes ``res_out = acc`` and ``out = acc * inv * w`` (``w + 1``: Gemma) for columns
-    ``c`` of a row, unless the call failed."""
-    wn = _load_f32(nw_ptr + c, cm, XDT)
-    if GEMMA:
-        wn = wn + 1.0
+def _epi_store(acc, inv, wn, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.constexpr,
+               HAS_RES_OUT: tl.constexpr):
+    """Writes ``res_out = acc`` and ``out = acc * inv * wn`` (``wn``: the norm weight as
+    fp32, ``+ 1`` already added for Gemma) for columns ``c`` of a row, unless the call
+    failed."""
     if HAS_RES_OUT:
         tl.store(res_out_ptr + base + c, ll.from_f32(acc, XDT), mask=ll.both(cm, ok))
     tl.store(out_ptr + base + c, ll.from_f32((acc * inv) * wn, XDT), mask=ll.both(cm, ok))
@@ -329,7 +344,7 @@ def _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c, cm, ok, XDT: tl.
 def linear_add_rms_norm_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group,
     res_ptr, nw_ptr, out_ptr, res_out_ptr,
-    M, K, N, n_tiles, eps, ws,
+    M, K, N, n_tiles, eps, ws, epi_parts, epi_chunk,
     table, ctrl, aux, rank, h0, h1, h2, h3,
     hop1_off, slot_words, hop2_off, hop2_words, limit,
     ids_ptr, tw_ptr, swe, sse, n_experts,
@@ -346,7 +361,8 @@ def linear_add_rms_norm_kernel(
     ``sum_s tw[m, s] * x[m*TOPK + s] @ W[ids[m, s]]`` (``TOPK > 0``, expert strides ``swe``,
     ``sse``). Residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``, M <= MAX_ROWS.
     Outputs may alias the residual (the residual is read by the tile programs, which all
-    finish before an epilogue program writes)."""
+    finish before an epilogue program writes). Each row's epilogue is ``epi_parts``
+    programs, one per ``epi_chunk`` columns (``epi_chunk <= EPI_BLOCK``)."""
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
@@ -369,55 +385,67 @@ def linear_add_rms_norm_kernel(
         if USE_DOT:
             m0 = tl.full([], 0, tl.int32)
             while m0 < M:
+                failed_raw = _failed_flag(aux, BACKEND)
                 acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
                                 XDT, WDT, INT4, BM, BN, BK, NATIVE)
                 _tile_reduce(acc, m0 + tl.arange(0, BM), cols, M, N, flag, seq, table, ctrl,
                              aux, rank, phase, my_hdr, hop1_off, slot_words, limit, res_ptr,
-                             sums, ssp, ticket, n_tiles, XDT, HAS_RES, WORLD, BACKEND)
+                             sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES, WORLD,
+                             BACKEND)
                 m0 += BM
         else:
             m = tl.full([], 0, tl.int32)
             while m < M:
+                failed_raw = _failed_flag(aux, BACKEND)
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
                                    ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
                 _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
                              ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
-                             res_ptr, sums, ssp, ticket, n_tiles, XDT, HAS_RES, WORLD, BACKEND)
+                             res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,
+                             WORLD, BACKEND)
                 m += 1
     else:
-        # -------------------------------------------- epilogue: RMSNorm of one row
-        # Waits until every tile program finished the row (one counter), then normalises the
-        # all-reduced values the tile programs left in the scratch. Tickets guarantee every
-        # tile program is running before any epilogue program spins (no starvation), and
-        # the interpreter runs the tiles first.
-        row = ticket - n_tiles
+        # -------------------------------------------- epilogue: RMSNorm of one row chunk
+        # Program (row, part) waits until every tile program finished the row (one counter),
+        # then normalises its ``epi_chunk`` columns of the all-reduced values the tile
+        # programs left in the scratch. Every part of a row adds the same per-tile sums of
+        # squares in the same order (same code, same block): the same ``inv`` in all of them.
+        # Tickets guarantee every tile program is running before any epilogue program spins
+        # (no starvation), and the interpreter runs the tiles first.
+        e = ticket - n_tiles
+        row = e // epi_parts
+        c0 = (e - row * epi_parts) * epi_chunk
+        c = c0 + tl.arange(0, EPI_BLOCK)
+        cm = (c < c0 + epi_chunk) & (c < N)
+        # the norm weight does not depend on the tiles: loaded before the spin
+        wn = _load_f32(nw_ptr + c, cm, XDT)
+        if GEMMA:
+            wn = wn + 1.0
         yes = tl.full([], 1, tl.int1)
-        ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND) & (
-            ll.all_warps_max(ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)) == 0
-        )
+        tiles_ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND)
+        # Everything the tiles left, read at once after the acquire (no load waits for
+        # another's value or for a reduction first).
+        failed = ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)
         t = tl.arange(0, BLOCK_TILES)
-        ss = tl.sum(tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0), 0)
-        inv = tl.math.rsqrt(ss / N + eps)
+        ssv = tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0)
         base = row.to(tl.int64) * N
-        c = tl.arange(0, EPI_BLOCK)
-        c0 = tl.full([], 0, tl.int32)
-        while c0 < N:
-            cm = c0 + c < N
-            acc = tl.load(sums + base + c0 + c, mask=cm, other=0.0)
-            _epi_store(acc, inv, nw_ptr, out_ptr, res_out_ptr, base, c0 + c, cm, ok,
-                       XDT, HAS_RES_OUT, GEMMA)
-            c0 += EPI_BLOCK
-        tl.store(aux + AUX_ROWS + row, 0)  # the only reader: reset for the next call
+        acc = tl.load(sums + base + c, mask=cm, other=0.0)
+        ok = tiles_ok & (ll.all_warps_max(failed) == 0)
+        inv = tl.math.rsqrt(tl.sum(ssv, 0) / N + eps)
+        _epi_store(acc, inv, wn, out_ptr, res_out_ptr, base, c, cm, ok, XDT, HAS_RES_OUT)
 
     n_words = M * N
     _scrub(table, rank, seq, n_words, 0, hop1_off, slot_words, hop2_off, hop2_words,
            1, WORLD, False, BACKEND)
-    _finish(ctrl, aux, seq)
+    _finish(ctrl, aux, seq, M)
 
 
 @triton.jit
-def _finish(ctrl, aux, seq):
-    """The last program of the launch publishes ``seq`` and resets the counters."""
+def _finish(ctrl, aux, seq, M):
+    """The last program of the launch publishes ``seq`` and resets the counters: the done
+    counter, the ticket, the failure flag and the ``M`` row counters (several epilogue
+    programs read a row's counter, so none of them may reset it; every one of them has
+    counted itself done before the last program gets here)."""
     n = tl.num_programs(0) * tl.num_programs(1)
     # Relaxed, as triton_mailbox._finish: a program's seq load matters only if it is the last
     # one, which then stores that value; the next launch sees these stores by stream order.
@@ -425,6 +453,8 @@ def _finish(ctrl, aux, seq):
     # bench/results/h200x2-s3-run6.log.)
     old = tl.atomic_add(ctrl + CTRL_DONE, 1, sem="relaxed", scope="gpu")
     if old == n - 1:
+        r = tl.arange(0, ROWS_BLOCK)
+        tl.store(aux + AUX_ROWS + r, tl.zeros([ROWS_BLOCK], tl.int64), mask=r < M)
         tl.store(ctrl + CTRL_DONE, 0)
         tl.store(aux + AUX_TICKET, 0)
         tl.store(aux + AUX_FAILED, 0)
@@ -432,23 +462,9 @@ def _finish(ctrl, aux, seq):
 
 
 @triton.jit
-def _normalise_cols(ptr, c0, c1, inv, w_ptr, ok, XDT: tl.constexpr, EPI_BLOCK: tl.constexpr):
-    """``ptr[c] = ptr[c] * inv * w[c - c0]`` for columns ``[c0, c1)`` of one row (in place,
-    x's dtype, fp32 math), unless the call failed."""
-    c = tl.arange(0, EPI_BLOCK)
-    j = tl.full([], 0, tl.int32)
-    while c0 + j < c1:
-        cm = c0 + j + c < c1
-        v = _load_f32(ptr + c0 + j + c, cm, XDT)
-        wv = _load_f32(w_ptr + j + c, cm, XDT)
-        tl.store(ptr + c0 + j + c, ll.from_f32((v * inv) * wv, XDT), mask=ll.both(cm, ok))
-        j += EPI_BLOCK
-
-
-@triton.jit
 def linear_qk_rms_norm_kernel(
     x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, qkv_ptr, qw_ptr, kw_ptr,
-    M, K, N, q_cols, k_cols, n_tiles, eps, ws,
+    M, K, N, q_cols, k_cols, n_tiles, eps, ws, epi_parts, epi_chunk,
     table, ctrl, aux, rank, h0, h1, h2, h3,
     hop1_off, slot_words, hop2_off, hop2_words, limit,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
@@ -467,9 +483,12 @@ def linear_qk_rms_norm_kernel(
     * ticket ``t < n_tiles``: the GEMV of columns ``[t*BN, (t+1)*BN)``, stored rounded, and
       the tile's q and k sums of squares per row in the scratch ``ws`` (no communication);
       then the row counters.
-    * ticket ``t >= n_tiles``: row ``m = t - n_tiles`` waits for its tiles, adds the tile
-      sums in tile order, all-reduces the two sums with the peers' row ``m`` (payload words
-      ``2m``, ``2m + 1``, exactly as ``qk_rms_norm_kernel``), and normalises q and k in place.
+    * ticket ``t >= n_tiles``: part ``p`` of row ``m`` (``t - n_tiles = m * epi_parts + p``)
+      waits for the row's tiles, adds the tile sums in tile order, all-reduces the two sums
+      with the peers' row ``m`` (payload words ``2m``, ``2m + 1``, exactly as
+      ``qk_rms_norm_kernel``; every part of the row publishes the same two packets), and
+      normalises its ``epi_chunk`` columns of ``[0, q_cols + k_cols)`` in place
+      (``epi_chunk <= EPI_BLOCK``).
     """
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
@@ -510,29 +529,44 @@ def linear_qk_rms_norm_kernel(
                 tl.atomic_add(aux + AUX_ROWS + m, 1, sem="release", scope="gpu")
                 m += 1
     else:
-        row = ticket - n_tiles
+        e = ticket - n_tiles
+        row = e // epi_parts
+        part = e - row * epi_parts
+        c0 = part * epi_chunk
+        c = c0 + tl.arange(0, EPI_BLOCK)
+        cm = (c < c0 + epi_chunk) & (c < q_cols + k_cols)
+        in_q = c < q_cols
+        # the chunk's norm weights (q's, then k's) do not depend on anything: loaded before
+        # the spin
+        wv = tl.where(in_q, _load_f32(qw_ptr + c, cm & in_q, XDT),
+                      _load_f32(kw_ptr + tl.where(in_q, 0, c - q_cols), cm & (in_q == 0), XDT))
         tiles_ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND)
+        # the tiles' sums of squares and the chunk's projected values, read at once after the
+        # acquire: the values are in registers before the exchange's wait starts
         t = tl.arange(0, BLOCK_TILES)
         tm = t < n_tiles
-        sq = tl.sum(tl.load(ssp + (row * 2) * n_tiles + t, mask=tm, other=0.0), 0)
-        sk = tl.sum(tl.load(ssp + (row * 2 + 1) * n_tiles + t, mask=tm, other=0.0), 0)
+        sqv = tl.load(ssp + (row * 2) * n_tiles + t, mask=tm, other=0.0)
+        skv = tl.load(ssp + (row * 2 + 1) * n_tiles + t, mask=tm, other=0.0)
+        base = qkv_ptr + row.to(tl.int64) * N
+        v = _load_f32(base + c, cm, XDT)
+        sq = tl.sum(sqv, 0)
+        sk = tl.sum(skv, 0)
         lane = tl.arange(0, 2)
         vals = tl.where(lane == 0, sq, sk)
         acc, _, failed = _exchange(
-            2 * row + lane, lane < 2, ll.elem_bits(vals, 0), vals, vals * 0.0, row == 0,
+            2 * row + lane, lane < 2, ll.elem_bits(vals, 0), vals, vals * 0.0,
+            (row == 0) & (part == 0),
             table, ctrl, rank, seq, h0, h1, h2, h3, 2 * M, 0,
             hop1_off, slot_words, hop2_off, hop2_words, limit, 0, 1, WORLD, False, BACKEND,
         )
         ok = (failed == 0) & tiles_ok
         iq = tl.math.rsqrt(tl.sum(tl.where(lane == 0, acc, 0.0), 0) / (q_cols * WORLD) + eps)
         ik = tl.math.rsqrt(tl.sum(tl.where(lane == 1, acc, 0.0), 0) / (k_cols * WORLD) + eps)
-        base = qkv_ptr + row.to(tl.int64) * N
-        _normalise_cols(base, 0, q_cols, iq, qw_ptr, ok, XDT, EPI_BLOCK)
-        _normalise_cols(base, q_cols, q_cols + k_cols, ik, kw_ptr, ok, XDT, EPI_BLOCK)
-        tl.store(aux + AUX_ROWS + row, 0)  # the only reader: reset for the next call
+        inv = tl.where(in_q, iq, ik)
+        tl.store(base + c, ll.from_f32((v * inv) * wv, XDT), mask=ll.both(cm, ok))
     _scrub(table, rank, seq, 2 * M, 0, hop1_off, slot_words, hop2_off, hop2_words,
            1, WORLD, False, BACKEND)
-    _finish(ctrl, aux, seq)
+    _finish(ctrl, aux, seq, M)
 
 
 @triton.jit

@@ -228,7 +228,7 @@ def _exchange(
     TWO_SHOT: tl.constexpr,
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
-    SKIP_SELF: tl.constexpr = False,
+    POLL_DELAY: tl.constexpr = 0,
 ):
     """All-reduce of payload words ``w`` (a block of word indices, ``wmask`` valid) whose
     local data is ``my_data`` (int64, low 32 bits) and fp32 values ``own_lo``/``own_hi``
@@ -237,8 +237,8 @@ def _exchange(
     sums in rank order 0..WORLD-1, identical on every rank and for both algorithms.
 
     ``SPANS``: the block ``w`` has lanes in every warp (BLOCK >= 32 * num_warps), so a poll
-    needs one cross-warp reduction (``_poll_code``). ``SKIP_SELF``: no poll at all of our own
-    (empty) slot, a uniform branch instead of a masked poll with its reduction."""
+    needs one cross-warp reduction (``_poll_code``). ``POLL_DELAY``: nanoseconds to sleep
+    between our publishes and the first poll (CUDA; a bench knob)."""
     flag = seq & ll.LOW32
     phase = seq & 1
     hl = tl.arange(0, HEADER_WORDS)
@@ -273,6 +273,8 @@ def _exchange(
         need = wmask
         woff = PAYLOAD_OFFSET + w
     ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
+    if POLL_DELAY > 0:
+        ll.pause(POLL_DELAY, BACKEND)
 
     # ---- reduce in rank order (one-shot: every lane; two-shot: the lanes we own)
     failed = tl.zeros([], tl.int32)
@@ -282,29 +284,18 @@ def _exchange(
         is_me = rank == src
         slot = me + hop1_off + (phase * WORLD + src) * slot_words
         lim = tl.where(failed != 0, 0, limit)
-        if SKIP_SELF:
-            if is_me:  # uniform: our own values are added below, nothing to wait for
-                words = my_words
-                theirs = hdr_words
-                st = tl.zeros([], tl.int32)
-            else:
-                words, theirs, st = _wait_peer(
-                    slot + woff, need, slot, hl < HEADER_WORDS, my_hdr, flag, lim, ctrl,
-                    BACKEND, SPANS,
-                )
-        else:
-            words, theirs, st = _wait_peer(
-                slot + woff,
-                ll.both(need, is_me == 0),
-                slot,
-                ll.both(hl < HEADER_WORDS, is_me == 0),
-                my_hdr,
-                flag,
-                lim,
-                ctrl,
-                BACKEND,
-                SPANS,
-            )
+        words, theirs, st = _wait_peer(
+            slot + woff,
+            ll.both(need, is_me == 0),
+            slot,
+            ll.both(hl < HEADER_WORDS, is_me == 0),
+            my_hdr,
+            flag,
+            lim,
+            ctrl,
+            BACKEND,
+            SPANS,
+        )
         if st != 0:  # uniform branch: the bookkeeping costs nothing on the fast path
             _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
         failed = failed | (st != 0).to(tl.int32)
@@ -472,7 +463,7 @@ def all_reduce_kernel(
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
-    SKIP_SELF: tl.constexpr = False,
+    POLL_DELAY: tl.constexpr = 0,
 ):
     """out = sum_r x_r over ``numel`` elements (``n_words`` payload words). Program j owns
     payload words [j*BLOCK, (j+1)*BLOCK). out may alias x. ``n_words == 0``: header-only
@@ -518,7 +509,7 @@ def all_reduce_kernel(
         TWO_SHOT,
         BACKEND,
         SPANS,
-        SKIP_SELF,
+        POLL_DELAY,
     )
     ok = failed == 0
     tl.store(out_ptr + e_lo, ll.from_f32(acc_lo, DTYPE), mask=ll.both(m_lo, ok))
@@ -633,7 +624,7 @@ def add_rms_norm_kernel(
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
-    SKIP_SELF: tl.constexpr = False,
+    POLL_DELAY: tl.constexpr = 0,
 ):
     """Program (row, part) of a (rows, SPLIT) grid holds payload words [part*chunk,
     (part+1)*chunk) of one row of ``cols`` elements. Payload rows are padded to ``wpr`` words
@@ -696,7 +687,7 @@ def add_rms_norm_kernel(
         TWO_SHOT,
         BACKEND,
         SPANS,
-        SKIP_SELF,
+        POLL_DELAY,
     )
     if HAS_RES:
         acc_lo = acc_lo + r_lo

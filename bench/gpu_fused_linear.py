@@ -62,8 +62,16 @@ T0 = time.time()
 # (block_n, block_k) of the fused kernel; the first is the library default (fused_linear.py).
 # Tile variants of the fused kernel around the library's defaults for each (M, weights)
 # (ccl.fused_linear.gemv_tiles); "default" goes through the public API.
+# "split<P>" (e.g. split1, split4): the default tiles with P epilogue programs per row
+# (ccl.fused_linear.epilogue_split; "default" takes CCL_FUSED_EPILOGUE_SPLIT or the library's
+# choice), for sweeping it: --variants default,split1,split2,split4,split8.
 BLOCKS = ("default", "warps8", "bn_half")
-DRY_BLOCKS = ("default", "bn_half")
+DRY_BLOCKS = ("default", "bn_half", "split1", "split3")
+
+
+def variant_split(variant):
+    """Epilogue programs per row of a ``split<P>`` variant, else None (the library's)."""
+    return int(variant[5:]) if variant.startswith("split") else None
 
 
 def variant_tiles(variant, m, int4):
@@ -73,7 +81,7 @@ def variant_tiles(variant, m, int4):
     from ccl.fused_linear import gemv_tiles
 
     t = gemv_tiles(m, int4)
-    if variant == "default":
+    if variant == "default" or variant_split(variant) is not None:
         return None
     if variant == "warps8":
         return dataclasses.replace(t, num_warps=8)
@@ -112,7 +120,8 @@ class GpuOps:
         else:
             device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out,
                                        residual_out=res_out,
-                                       tiles=variant_tiles(blocks, x.shape[0], q is not None))
+                                       tiles=variant_tiles(blocks, x.shape[0], q is not None),
+                                       epi_split=variant_split(blocks))
 
     def gemv(self, x, w, q, out, blocks, launch=None):
         from ccl.fused_linear import device_linear_partial
@@ -143,7 +152,8 @@ class MailboxOps(GpuOps):
         from ccl.fused_linear import device_linear_add_rms_norm
 
         device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out, residual_out=res_out,
-                                   tiles=variant_tiles(blocks, x.shape[0], q is not None))
+                                   tiles=variant_tiles(blocks, x.shape[0], q is not None),
+                                   epi_split=variant_split(blocks))
 
     def all_reduce(self, t, out):
         self.dm.all_reduce(t, out)
@@ -570,6 +580,8 @@ def _rank(rank, world, port, args):
                                                 c.res_out, blocks), n_inner, rounds)
             ops.check()
             log(rank, f"  {name} fused {blocks}: {tm[f'ccl_fused_{blocks}']['p50']:.2f} us")
+            if variant_split(blocks) is not None and blocks != blocks_all[0]:
+                continue  # the default tiles' GEMV: the same kernel as "default"
             tm[f"ccl_gemv_{blocks}"] = timer(
                 lambda blocks=blocks: ops.gemv(c.x, c.weight, c.quant, c.partial, blocks),
                 n_inner, rounds)
@@ -645,7 +657,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ccl-timeout", type=float, default=20.0, help="ccl wait bound (s)")
     ap.add_argument("--ms", default="1,8", help="token counts M, comma-separated")
     ap.add_argument("--variants", default=",".join(BLOCKS),
-                    help=f"tile variants (first = the reference for the bars): {BLOCKS}")
+                    help=f"tile variants (first = the reference for the bars): {BLOCKS}, "
+                         "bk_half, or split<P> (P epilogue programs per row, default tiles)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--timeout", type=float, default=None,
                     help="whole-run bound in s (default 240 GPU, 900 dry run)")

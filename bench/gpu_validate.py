@@ -890,34 +890,58 @@ def timing(mb, rank, world, dev, res, quick):
 # default of session 4. Every configuration is timed SWEEP_ROUNDS times, interleaved, and its
 # median p50 kept: one graph's p50 can sit 0.3 us off another's for the same configuration.
 POLL_SWEEP = [
-    ("base", 1024, 0, False, 0, "one_shot"),
-    ("fast", 1024, 0, True, 0, "one_shot"),
-    ("fast b128 w1", 128, 1, True, 0, "one_shot"),
-    ("fast b256 w1", 256, 1, True, 0, "one_shot"),
-    ("fast b256 w2", 256, 2, True, 0, "one_shot"),
-    ("fast b512 w2", 512, 2, True, 0, "one_shot"),
-    ("fast b512 w4", 512, 4, True, 0, "one_shot"),
-    ("fast d300", 1024, 0, True, 300, "one_shot"),
-    ("fast d700", 1024, 0, True, 700, "one_shot"),
-    ("fast b256 w1 d300", 256, 1, True, 300, "one_shot"),
-    ("two fast", 1024, 0, True, 0, "two_shot"),
+    ("base", 1024, 0, False, 0, 128, "one_shot"),
+    ("fast", 1024, 0, True, 0, 128, "one_shot"),
+    ("b128 w1", 128, 1, True, 0, 128, "one_shot"),
+    ("b64 w1", 64, 1, True, 0, 128, "one_shot"),
+    ("b32 w1", 32, 1, True, 0, 128, "one_shot"),
+    ("b64 w2", 64, 2, True, 0, 128, "one_shot"),
+    ("b128 w4", 128, 4, True, 0, 128, "one_shot"),
+    ("b256 w4", 256, 4, True, 0, 128, "one_shot"),
+    ("b256 w8", 256, 8, True, 0, 128, "one_shot"),
+    ("b512 w8", 512, 8, True, 0, 128, "one_shot"),
+    ("b512 w4", 512, 4, True, 0, 128, "one_shot"),
+    ("b128 w1 p512", 128, 1, True, 0, 512, "one_shot"),
+    ("b64 w1 p1024", 64, 1, True, 0, 1024, "one_shot"),
+    ("b256 w4 p256", 256, 4, True, 0, 256, "one_shot"),
+    ("two fast", 1024, 0, True, 0, 128, "two_shot"),
+    ("two b256 w4 p256", 256, 4, True, 0, 256, "two_shot"),
+]
+# fused norm: (name, fast_poll, poll_delay_ns, norm_chunk, norm_warps)
+NORM_SWEEP = [
+    ("base", False, 0, 256, 0),
+    ("fast", True, 0, 256, 0),
+    ("fast d300", True, 300, 256, 0),
+    ("fast d300 c128 w1", True, 300, 128, 1),
+    ("fast d300 c128 w2", True, 300, 128, 2),
+    ("fast d300 c128 w4", True, 300, 128, 4),
+    ("fast d300 c64 w1", True, 300, 64, 1),
+    ("fast d300 c64 w2", True, 300, 64, 2),
+    ("fast d300 c256 w4", True, 300, 256, 4),
+    ("fast d300 c256 w8", True, 300, 256, 8),
+    ("fast d300 c512 w4", True, 300, 512, 4),
 ]
 SWEEP_ROUNDS = 3
 
 
 def _sweep_set(mb, cfg):
-    _, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, _ = cfg
+    _, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, mb.max_programs, _ = cfg
+
+
+def _norm_set(mb, cfg):
+    _, mb.fast_poll, mb.poll_delay_ns, mb.norm_chunk, mb.norm_warps = cfg
 
 
 def poll_sweep(mb, rank, world, dev, res):
     """All-reduce and fused-norm latency (graph replay p50, median of SWEEP_ROUNDS
     interleaved rounds) over the poll variants and program shapes of POLL_SWEEP, each
     configuration's result checked against the reference first."""
-    saved = (None, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, None)
+    saved = (None, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, mb.max_programs,
+             None)
+    saved_norm = (None, mb.fast_poll, mb.poll_delay_ns, mb.norm_chunk, mb.norm_warps)
     sizes = [("8B fp32", torch.float32, 2)] + [
         (f"{kb}KB bf16", torch.bfloat16, kb * 512) for kb in (1, 8, 16, 64, 256)
     ]
-    norm_cfgs = [(f"fast{int(f)} d{d}", f, d) for f in (False, True) for d in (0, 300)]
     # Compile every variant first (a rank compiling while its peer spins would look slow).
     tc = time.time()
     mb._compile_only = True
@@ -926,15 +950,17 @@ def poll_sweep(mb, rank, world, dev, res):
             x = torch.empty(numel, dtype=dt, device=dev)
             for cfg in POLL_SWEEP:
                 _sweep_set(mb, cfg)
-                mb.all_reduce(x, torch.empty_like(x), algorithm=cfg[5])
+                mb.all_reduce(x, torch.empty_like(x), algorithm=cfg[-1])
         _sweep_set(mb, saved)
         for rows, cols in ((1, 4096), (8, 7168)):
             x = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
-            for _, mb.fast_poll, mb.poll_delay_ns in norm_cfgs:
+            for cfg in NORM_SWEEP:
+                _norm_set(mb, cfg)
                 mb.add_rms_norm(x, x, x[0], 1e-6, out=x, residual_out=x)
     finally:
         mb._compile_only = False
         _sweep_set(mb, saved)
+        _norm_set(mb, saved_norm)
     log(rank, f"# sweep compile: {time.time() - tc:.0f}s")
     dist.barrier()
     S = {}
@@ -943,7 +969,7 @@ def poll_sweep(mb, rank, world, dev, res):
         x = torch.randn(numel, device=dev, generator=g).to(dt)
         ref = torch.stack(gather(x.float(), world)).sum(0)
         out = torch.empty_like(x)
-        cfgs = [c for c in POLL_SWEEP if c[5] == "one_shot" or numel >= 8192]
+        cfgs = [c for c in POLL_SWEEP if c[-1] == "one_shot" or numel >= 8192]
         runs = {c[0]: [] for c in cfgs}
         ok = {}
         for rnd in range(SWEEP_ROUNDS):
@@ -951,12 +977,12 @@ def poll_sweep(mb, rank, world, dev, res):
                 _sweep_set(mb, cfg)
                 if rnd == 0:
                     out.fill_(float("nan"))
-                    mb.all_reduce(x, out, algorithm=cfg[5])
+                    mb.all_reduce(x, out, algorithm=cfg[-1])
                     sync_check(mb, dev)
                     tol = (1e-5 if dt == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
                     ok[cfg[0]] = bool((out.float() - ref).abs().max().item() <= tol)
                 runs[cfg[0]].append(
-                    time_graph(lambda: mb.all_reduce(x, out, algorithm=cfg[5]))["p50"]
+                    time_graph(lambda: mb.all_reduce(x, out, algorithm=cfg[-1]))["p50"]
                 )
                 sync_check(mb, dev)
         row = {k: dict(p50=statistics.median(v), runs=v, ok=ok[k]) for k, v in runs.items()}
@@ -974,18 +1000,31 @@ def poll_sweep(mb, rank, world, dev, res):
         x = torch.randn(rows, cols, device=dev).to(dt)
         resid = torch.randn(rows, cols, device=dev).to(dt)
         w = torch.randn(cols, device=dev).to(dt)
-        runs = {k: [] for k, _, _ in norm_cfgs}
-        for _ in range(SWEEP_ROUNDS):
-            for key, mb.fast_poll, mb.poll_delay_ns in norm_cfgs:
-                runs[key].append(time_graph(
+        h = torch.stack(gather(x.float(), world)).sum(0) + resid.float()
+        ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+        runs = {c[0]: [] for c in NORM_SWEEP}
+        ok = {}
+        for rnd in range(SWEEP_ROUNDS):
+            for cfg in NORM_SWEEP:
+                _norm_set(mb, cfg)
+                if rnd == 0:
+                    o, r = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+                    mb.add_rms_norm(x, resid, w, 1e-6, out=o, residual_out=r)
+                    sync_check(mb, dev)
+                    ok[cfg[0]] = bool(
+                        torch.equal(r, h.to(dt))
+                        and (o.float() - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+                    )
+                runs[cfg[0]].append(time_graph(
                     lambda: mb.add_rms_norm(x, resid, w, 1e-6, out=x, residual_out=resid)
                 )["p50"])
                 sync_check(mb, dev)
-        row = {k: dict(p50=statistics.median(v), runs=v) for k, v in runs.items()}
+        row = {k: dict(p50=statistics.median(v), runs=v, ok=ok[k]) for k, v in runs.items()}
         N[f"{rows}x{cols} bf16"] = row
         log(rank, f"  sweep norm {rows}x{cols}: " + ", ".join(
             f"{k} {v['p50']:.2f}" for k, v in row.items()))
     _sweep_set(mb, saved)
+    _norm_set(mb, saved_norm)
     res["poll_sweep_all_reduce_us"] = S
     res["poll_sweep_norm_us"] = N
 

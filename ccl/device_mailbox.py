@@ -235,6 +235,9 @@ class DeviceMailbox:
         #: largest payload block (words) of one all-reduce program, CCL_DEVICE_MAX_BLOCK (2x H200,
         #: session 4: 256-word programs measure the same as 1024-word ones, h200x2-s4-blocks.log)
         self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
+        #: most programs of one all-reduce launch (CCL_DEVICE_MAX_PROGRAMS; see
+        #: _launch_all_reduce)
+        self.max_programs = int(os.environ.get("CCL_DEVICE_MAX_PROGRAMS", str(_MAX_AR_PROGRAMS)))
         #: warps per all-reduce program (0: one per 128 payload words, 1..8); a bench knob,
         #: CCL_DEVICE_AR_WARPS
         self.ar_warps = int(os.environ.get("CCL_DEVICE_AR_WARPS", "0"))
@@ -610,7 +613,7 @@ class DeviceMailbox:
         # per-warp spin exits fixed in session 4 (docs/TRITON.md), but no run with larger
         # launches has shown it yet, so the cap stays.
         block = min(self.max_block, max(64, _next_pow2(n_words)))
-        block = max(block, _next_pow2(_cdiv(n_words, _MAX_AR_PROGRAMS)))
+        block = max(block, _next_pow2(_cdiv(n_words, self.max_programs)))
         grid = max(1, _cdiv(n_words, block))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8) if two else 0
         warps = self.ar_warps or block // 128

@@ -392,6 +392,7 @@ def _interp_worker(rank, world, store_path, seed, q):
             digests.append(digest(out, res_out))
         digests.append(_interp_moe(mb, rank, world, seed))
         _interp_qkv(mb, rank, world, seed)
+        digests.append(_interp_epilogue_split(mb, rank, world, seed))
         # ranks disagree on N: both kernels record a mismatch and write nothing
         from ccl.errors import CollectiveMismatch
 
@@ -523,6 +524,136 @@ def _interp_qkv(mb, rank, world, seed):
     with pytest.raises(CollectiveMismatch):
         mb.raise_if_failed()
     assert bool((out == 16.0).all()), "q / k normalised despite a mismatch"
+
+
+# epilogue programs per row to try (0: the library's default); chunks of 16-column multiples,
+# so 3 and 5 give uneven last chunks, 8 more parts than 16-column chunks for short rows
+SPLITS = (1, 2, 3, 5, 8, 0)
+
+
+def _check_counters_reset(mb):
+    """After a fused launch its last program has reset the ticket, the failure flag and
+    every row counter (a row's counter has several readers, so none of them resets it)."""
+    from ccl.fused_linear import _DEVICE_STATES
+    from ccl.kernels import triton_fused_linear as F
+
+    def at(c):  # a tl.constexpr index
+        return int(getattr(c, "value", c))
+
+    aux = _DEVICE_STATES[mb].aux
+    assert int(aux[at(F.AUX_TICKET)]) == 0 and int(aux[at(F.AUX_FAILED)]) == 0, aux[:2].tolist()
+    rows = aux[at(F.AUX_ROWS):at(F.AUX_ROWS) + F.MAX_ROWS]
+    assert int(rows.abs().sum()) == 0, f"row counters not reset: {rows.tolist()}"
+
+
+def _interp_epilogue_split(mb, rank, world, seed):
+    """The fused kernels with each row's epilogue split over several programs: every split
+    (and the default) against the float64 reference, and bitwise equal to each other (every
+    part adds the tiles' sums of squares the same way) and, through the digests, across
+    ranks. Fresh inputs and poisoned outputs per call; one case with outputs aliasing the
+    residual, the QKV kernel (every part publishes the row's q / k sums) too."""
+    from ccl.fused_linear import GemvTiles, device_linear_add_rms_norm, device_linear_qk_rms_norm
+
+    digests = []
+    # (dtype, weight, M, K, N, tiles, alias): N not a multiple of 16, several column tiles
+    for i, (dtype_name, kind, m, k, n, tiles, alias) in enumerate([
+            ("bfloat16", "dense_kn", 1, 64, 100, GemvTiles(bn=16, bk=32), False),
+            ("float16", "int4_g32", 3, 64, 72, GemvTiles(bn=16, bk=32, use_dot=True, bm=16), True),
+            ("float32", "dense_nk", 2, 48, 40, GemvTiles(bn=16, bk=32), False)]):
+        dtype = getattr(torch, dtype_name)
+        for split in SPLITS:
+            key = ("es", i, split)
+            xs = [gen(seed, key + ("x", r), (m, k), dtype) for r in range(world)]
+            parts, mine = [], None
+            for r in range(world):
+                weight, quant, wref = _weight(kind, seed + 300 + i, r, k, n, dtype)
+                parts.append(xs[r].float() @ wref)
+                mine = (weight, quant) if r == rank else mine
+            residual = gen(seed, key + ("res",), (m, n), dtype)
+            nw = gen(seed, key + ("nw",), (n,), dtype)
+            ref_o, ref_r = _reference(parts, residual, nw)
+            out = poison_like(residual)
+            res_out = residual.clone() if alias else poison_like(residual)
+            device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1],
+                                       res_out if alias else residual, nw, EPS, out=out,
+                                       residual_out=res_out, tiles=tiles, epi_split=split)
+            mb.raise_if_failed()
+            _check_counters_reset(mb)
+            what = f"epilogue split {split} case {i} {dtype_name} M{m} N{n}"
+            _check(f"{what} residual_out", res_out, ref_r, dtype)
+            _check(f"{what} out", out, ref_o, dtype)
+            digests.append(digest(out, res_out))
+            # the same inputs once more, with one program per row: the same bits
+            out1 = poison_like(residual)
+            res1 = residual.clone() if alias else poison_like(residual)
+            device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1], res1 if alias else residual,
+                                       nw, EPS, out=out1, residual_out=res1, tiles=tiles,
+                                       epi_split=1)
+            mb.raise_if_failed()
+            assert bits_equal(out1, out) and bits_equal(res1, res_out), \
+                f"{what}: differs from the same call with one epilogue program per row"
+    # QKV: the parts of a row normalise q and k columns of one chunk each
+    for i, (dtype_name, m, k, qc, kc, n) in enumerate([("bfloat16", 2, 64, 40, 24, 80),
+                                                       ("float32", 1, 32, 16, 16, 48)]):
+        dtype = getattr(torch, dtype_name)
+        outs = []
+        x = gen(seed, ("esq", i, "x"), (m, k), dtype)
+        qkv, mine = [], None
+        for r in range(world):
+            weight, quant, wref = _weight("dense_kn", seed + 400 + i, r, k, n, dtype)
+            qkv.append((x.float() @ wref).to(dtype).float())
+            mine = (weight, quant) if r == rank else mine
+        qw = gen(seed, ("esq", i, "qw", rank), (qc,), dtype)
+        kw = gen(seed, ("esq", i, "kw", rank), (kc,), dtype)
+        ssq = sum(p[:, :qc].pow(2).sum(-1) for p in qkv)
+        ssk = sum(p[:, qc:qc + kc].pow(2).sum(-1) for p in qkv)
+        ref = qkv[rank].clone()
+        ref[:, :qc] *= torch.rsqrt(ssq / (qc * world) + EPS)[:, None] * qw.float()
+        ref[:, qc:qc + kc] *= torch.rsqrt(ssk / (kc * world) + EPS)[:, None] * kw.float()
+        for split in SPLITS:
+            out = poison_like(torch.empty(m, n, dtype=dtype))
+            device_linear_qk_rms_norm(mb, x, mine[0], mine[1], qw, kw, EPS, q_cols=qc,
+                                      k_cols=kc, out=out, tiles=GemvTiles(bn=16, bk=32),
+                                      epi_split=split)
+            mb.raise_if_failed()
+            _check_counters_reset(mb)
+            _check(f"qkv epilogue split {split} case {i}", out, ref.to(dtype), dtype)
+            outs.append(out)
+        assert all(bits_equal(o, outs[0]) for o in outs[1:]), \
+            f"qkv case {i}: epilogue splits {SPLITS} give different bits"
+    return digests
+
+
+def test_epilogue_split_shapes(monkeypatch):
+    """The host's epilogue split: chunks of 16-column multiples covering the row exactly
+    once, one block each (a power of two, at most 4096 lanes), at least the requested
+    programs where the row allows, and CCL_FUSED_EPILOGUE_SPLIT validated."""
+    from ccl import fused_linear as FL
+    from ccl.errors import ConfigError
+
+    for cols in (1, 15, 16, 17, 100, 512, 3072, 4096, 4097, 7168, 16384):
+        for split in (0, 1, 2, 3, 5, 8, 64, 1000):
+            parts, chunk, block = FL.epilogue_split(cols, split)
+            assert chunk % 16 == 0 and (parts - 1) * chunk < cols <= parts * chunk, \
+                (cols, split, parts, chunk)
+            assert block >= chunk and block & (block - 1) == 0 and block <= 4096
+            want = split if split else min(8, max(1, cols // 512))
+            assert parts <= max(want, -(-cols // 4096)), (cols, split, parts)
+            if -(-cols // 16) >= want:  # enough 16-column chunks: each part at most ~1/want
+                assert chunk <= -(-cols // want) + 15
+    assert FL.epilogue_split(3072, 1) == (1, 3072, 4096)  # one program per row
+    assert FL.epilogue_split(3072, 0)[0] == 6  # the default: 512 columns per program
+    for raw, ok in (("4", 4), ("", 0), ("0", 0), ("-1", None), ("two", None)):
+        monkeypatch.setenv("CCL_FUSED_EPILOGUE_SPLIT", raw)
+        FL._env_epilogue_split.cache_clear()
+        try:
+            if ok is None:
+                with pytest.raises(ConfigError, match="CCL_FUSED_EPILOGUE_SPLIT"):
+                    FL.epilogue_split(100)
+            else:
+                assert FL._env_epilogue_split() == ok
+        finally:
+            FL._env_epilogue_split.cache_clear()
 
 
 def test_row_limit_matches_the_kernel():

@@ -72,6 +72,7 @@ from ccl.errors import CollectiveMismatch, CollectiveTimeout  # noqa: E402
 from ccl.kernels import reference as R  # noqa: E402
 
 CAP = 1 << 20
+DEFAULT_BLOCK = 64  # DeviceMailbox.max_block's default (words per all-reduce program)
 ALGOS = ("one_shot", "two_shot")  # --algos
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -266,7 +267,7 @@ def eager_checks(mb, rank, world, dev, seed, res):
         for numel in AR_SIZES:
             if numel * dt.itemsize > CAP:
                 continue
-            for mblk in [1024] if numel < 4096 else [1024, 256, 2048]:
+            for mblk in [DEFAULT_BLOCK] if numel < 4096 else [DEFAULT_BLOCK, 256, 1024]:
                 mb.max_block = mblk
                 x = gen((numel,), dt)
                 parts = gather(x, world)
@@ -308,7 +309,7 @@ def eager_checks(mb, rank, world, dev, seed, res):
                 n += 1
                 if not torch.equal(bits(y), bits(ref)):
                     fail(f"all_reduce in place {dname} n={numel}")
-    mb.max_block = 1024
+    mb.max_block = DEFAULT_BLOCK
 
     for dname, dt in DTYPES.items():
         for rows, cols in NORM_SHAPES:
@@ -776,18 +777,18 @@ def timing(mb, rank, world, dev, res, quick):
     sizes = [("8B fp32", torch.float32, 2)] + [
         (f"{kb}KB bf16", torch.bfloat16, kb * 512) for kb in (1, 8, 16, 64, 256)
     ]
-    blocks = [1024] if quick else [256, 512, 1024, 2048]
+    blocks = [DEFAULT_BLOCK] if quick else [DEFAULT_BLOCK, 256, 1024]
     for label, dt, numel in sizes:
         row = {}
         x = torch.randn(numel, device=dev).to(dt)
         out = torch.empty_like(x)
         for algo in ALGOS:
-            for blk in blocks if numel >= 2048 else [1024]:  # small payloads: one block anyway
+            for blk in blocks if numel >= 2048 else [DEFAULT_BLOCK]:  # small: one program
                 mb.max_block = blk
                 r = time_graph(lambda: mb.all_reduce(x, out, algorithm=algo))
                 sync_check(mb, dev)
                 row[f"ccl_{algo}_b{blk}"] = r
-        mb.max_block = 1024
+        mb.max_block = DEFAULT_BLOCK
         for variant in ("cuda_fenced", "cuda_xchg"):
             if label in ("8B fp32", "16KB bf16"):
                 from ccl.kernels import ll
@@ -848,11 +849,11 @@ def timing(mb, rank, world, dev, res, quick):
         mb.norm_chunk = default_chunk
         flat = x.view(-1)
         plain = {}
-        for blk in [1024] if quick else [256, 512, 1024, 2048]:
+        for blk in [DEFAULT_BLOCK] if quick else [DEFAULT_BLOCK, 256, 1024]:
             mb.max_block = blk
             plain[blk] = time_graph(lambda: mb.all_reduce(flat, algorithm="one_shot"))["p50"]
-        mb.max_block = 1024
-        row["ccl_all_reduce_one_shot"] = dict(p50=plain[1024])
+        mb.max_block = DEFAULT_BLOCK
+        row["ccl_all_reduce_one_shot"] = dict(p50=plain[DEFAULT_BLOCK])
         blk = min(plain, key=plain.get)
         row["ccl_all_reduce_best"] = dict(p50=plain[blk], max_block=blk)
 
@@ -1121,7 +1122,7 @@ def variant_jobs():
         for numel in AR_SIZES + [512, 1024 * 512, 4096 * 4, 8192 * 4, 32768, 131072]:
             if numel * dt.itemsize > CAP:
                 continue
-            for blk in (256, 512, 1024, 2048):
+            for blk in (DEFAULT_BLOCK, 256, 1024):
                 for algo in ("one_shot", "two_shot"):
                     jobs.append(("ar", dt, numel, blk, algo, None))
         for rows, cols in NORM_SHAPES + [(3, 1001), (2, 512)]:
@@ -1133,15 +1134,13 @@ def variant_jobs():
             jobs.append(("qk", dt, (tokens, qc, kc), None, None, None))
     for variant in ("cuda_fenced", "cuda_xchg"):
         for numel, dt in ((2, torch.float32), (8192, torch.bfloat16)):
-            jobs.append(("ar", dt, numel, 1024, "one_shot", variant))
+            jobs.append(("ar", dt, numel, DEFAULT_BLOCK, "one_shot", variant))
 
     def key(job):
         op, dt, shape, extra, algo, variant = job
         epw = 1 if dt == torch.float32 else 2
-        if op == "ar":
-            nw = (shape + epw - 1) // epw
-            blk = min(extra, max(64, 1 << max(0, (nw - 1).bit_length())))
-            return (op, str(dt), blk, algo, (nw + blk - 1) // blk == 1, variant)
+        if op == "ar":  # (program shapes: DeviceMailbox._ar_shape; no dedup beyond sizes)
+            return (op, str(dt), shape, extra, algo, variant)
         if op == "norm":
             wpr = (shape[1] + epw - 1) // epw
             return (op, str(dt), 1 << max(0, (wpr - 1).bit_length()), algo, extra, shape[0] == 1)
@@ -1377,8 +1376,8 @@ def summary(res):
         f"# {'size':>11} | {'ccl best':>8} {'1-shot':>7} {'2-shot':>7} | {'nccl':>7} {'symm':>7} |  best variant"
     )
     for label, r in res.get("timing_all_reduce_us", {}).items():
-        one = r.get("ccl_one_shot_b1024", {}).get("p50", float("nan"))
-        two = r.get("ccl_two_shot_b1024", {}).get("p50", float("nan"))
+        one = r.get(f"ccl_one_shot_b{DEFAULT_BLOCK}", {}).get("p50", float("nan"))
+        two = r.get(f"ccl_two_shot_b{DEFAULT_BLOCK}", {}).get("p50", float("nan"))
         print(
             f"  {label:>11} | {r['ccl_best']['p50']:8.2f} {one:7.2f} {two:7.2f} | {r['nccl']['p50']:7.2f} "
             f"{r['symm_mem_one_shot'].get('p50', float('nan')):7.2f} |  {r['ccl_best']['variant']}"

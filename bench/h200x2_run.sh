@@ -14,8 +14,9 @@
 #   stall        stall_probe: the configurations that stalled before session 4's fix
 #   rank_limits  stall_probe with rank 1 waiting 3x longer than rank 0 (whose bound ends a stall)
 #   blocks       gpu_validate with 256- and 1024-word all-reduce programs
-#   sweep        gpu_validate's poll-variant sweep (program shapes, one-reduction polls,
-#                no self poll) of all-reduce and fused norm, vs NCCL
+#   sweep        gpu_validate's sweep of all-reduce program shapes and poll variants (and of
+#                the fused norm's chunks), vs NCCL
+# FUSED_VARIANTS overrides the fused step's variants (e.g. default,split1,split2,split4).
 # Results go to $OUT (the device tool brings back at most 8 files: choose steps accordingly).
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}
@@ -40,7 +41,8 @@ if want validate; then
 fi
 if want fused; then
     say "fused linear"
-    timeout 200 python3 bench/gpu_fused_linear.py --out "$OUT" --timeout 190 >>"$log" 2>&1 \
+    timeout 200 python3 bench/gpu_fused_linear.py --out "$OUT" --timeout 190 \
+        --variants "${FUSED_VARIANTS:-default,warps8,bn_half}" >>"$log" 2>&1 \
         || say "gpu_fused_linear rc=$?"
 fi
 if want decode; then

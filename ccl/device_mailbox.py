@@ -44,7 +44,7 @@ _MAX_ROW_WORDS = 16384  # fused norm: one program holds a whole row in registers
 # so the launch must be co-resident; 128 programs stay far below one per SM of any GPU this
 # targets (an H100/H200 has 132 SMs, and these small programs fit several per SM).
 _MAX_SPLIT_PROGRAMS = 128
-_MAX_AR_PROGRAMS = 128
+_MAX_AR_PROGRAMS = 1024
 _SPLIT_SHIFT = 8  # header word 0, bits 8..15: log2 of the programs per row
 
 # Control-tensor word indices (host side: plain ints).
@@ -232,21 +232,28 @@ class DeviceMailbox:
         self.spin_ns = float(
             spin_ns or (env_spin and float(env_spin)) or _SPIN_NS.get(self.device.type, 500.0)
         )
-        #: largest payload block (words) of one all-reduce program, CCL_DEVICE_MAX_BLOCK (2x H200,
-        #: session 4: 256-word programs measure the same as 1024-word ones, h200x2-s4-blocks.log)
-        self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "1024"))
-        #: most programs of one all-reduce launch (CCL_DEVICE_MAX_PROGRAMS; see
-        #: _launch_all_reduce)
+        #: payload words per program of an all-reduce launch of several programs
+        #: (CCL_DEVICE_MAX_BLOCK; see _ar_shape)
+        self.max_block = int(os.environ.get("CCL_DEVICE_MAX_BLOCK", "64"))
+        #: largest all-reduce payload (words) done by one program (CCL_DEVICE_SINGLE_MAX)
+        self.single_max = int(os.environ.get("CCL_DEVICE_SINGLE_MAX", "256"))
+        #: most programs of one all-reduce launch (CCL_DEVICE_MAX_PROGRAMS). Session 2 capped
+        #: launches at 128 programs after wrong blocks in 512-1024-program launches; those were
+        #: the per-warp spin exits fixed in session 4, and session 5 validated 1024-program
+        #: launches of single-warp programs (docs/TRITON.md).
         self.max_programs = int(os.environ.get("CCL_DEVICE_MAX_PROGRAMS", str(_MAX_AR_PROGRAMS)))
         #: warps per all-reduce program (0: one per 128 payload words, 1..8); a bench knob,
         #: CCL_DEVICE_AR_WARPS
         self.ar_warps = int(os.environ.get("CCL_DEVICE_AR_WARPS", "0"))
         #: polls with one cross-warp reduction instead of two (``_poll_code`` SPANS) wherever
         #: the block covers every warp; CCL_DEVICE_FAST_POLL=0 turns it off
-        self.fast_poll = os.environ.get("CCL_DEVICE_FAST_POLL", "0") != "0"
-        #: nanoseconds between our publishes and the first poll (CUDA; a bench knob,
-        #: CCL_DEVICE_POLL_DELAY_NS)
+        self.fast_poll = os.environ.get("CCL_DEVICE_FAST_POLL", "1") != "0"
+        #: nanoseconds between our publishes and the first poll (CUDA), all-reduce and fused
+        #: norm (CCL_DEVICE_POLL_DELAY_NS, CCL_DEVICE_NORM_POLL_DELAY_NS). 2x H200, session 5:
+        #: 300 ns took 0.12-0.15 us off the fused norm (polls that cannot succeed yet seem to
+        #: slow the arriving writes) and gained nothing reliable on the all-reduce.
         self.poll_delay_ns = int(os.environ.get("CCL_DEVICE_POLL_DELAY_NS", "0"))
+        self.norm_poll_delay_ns = int(os.environ.get("CCL_DEVICE_NORM_POLL_DELAY_NS", "300"))
         #: fused norm: payload words per program when a row is split over programs (CUDA;
         #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
         #: on 2x H200. (Its session-2 hangs were the per-warp spin exits, docs/TRITON.md.)
@@ -484,8 +491,8 @@ class DeviceMailbox:
         chunk = _cdiv(wpr, split)
         block = max(32, _next_pow2(chunk))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8)
-        if split > 1:
-            warps = max(1, min(8, block // 128))  # as the all-reduce programs
+        if split > 1:  # two payload words per thread (session 5 sweep: 256-word chunks,
+            warps = max(1, min(8, block // 64))  # 4 warps: 1x4096 4.24 vs 4.41 us with 2)
         else:
             warps = max(4, min(16, block // 256))
         self._launch(
@@ -514,7 +521,7 @@ class DeviceMailbox:
             GEMMA=bool(gemma),
             SOLO=rows * split == 1,
             BACKEND=self.backend,
-            **self._poll_variant(block, self.norm_warps or warps),
+            **self._poll_variant(block, self.norm_warps or warps, norm=True),
             num_warps=self.norm_warps or warps,
         )
         return out, residual_out
@@ -608,16 +615,9 @@ class DeviceMailbox:
             cols,
             eps,
         )
-        # At most _MAX_AR_PROGRAMS programs: on 2x H200 (session 2), launches of 512-1024
-        # programs gave occasional wrong blocks with no status recorded; very likely the
-        # per-warp spin exits fixed in session 4 (docs/TRITON.md), but no run with larger
-        # launches has shown it yet, so the cap stays.
-        block = min(self.max_block, max(64, _next_pow2(n_words)))
-        block = max(block, _next_pow2(_cdiv(n_words, self.max_programs)))
+        block, warps = self._ar_shape(n_words)
         grid = max(1, _cdiv(n_words, block))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8) if two else 0
-        warps = self.ar_warps or block // 128
-        warps = max(1, min(8, warps, block // 32))
         self._launch(
             K.all_reduce_kernel,
             (grid,),
@@ -638,12 +638,31 @@ class DeviceMailbox:
             num_warps=warps,
         )
 
-    def _poll_variant(self, block: int, warps: int) -> dict:
+    def _ar_shape(self, n_words: int) -> tuple[int, int]:
+        """(payload words per program, warps per program) of an all-reduce launch.
+
+        2x H200, session 5 sweep (bench/results/h200x2-s5-sweep.json): about two payload words
+        per thread is fastest at every size, and single-warp programs beat wide ones once
+        there are several (8 KB bf16: 2.89 us in 64-word programs vs 3.38 in 1024-word ones;
+        256 KB: 4.49 vs 4.93; a poll of a wide program pays a cross-warp reduction). So: up
+        to ``single_max`` words one program of ``block / 64`` warps, above it
+        ``max_block``-word programs (64, one warp), at most ``max_programs`` of them."""
+        if n_words <= self.single_max:
+            block = max(64, _next_pow2(n_words))
+        else:
+            block = max(min(self.max_block, _next_pow2(n_words)),
+                        _next_pow2(_cdiv(n_words, self.max_programs)))
+        warps = self.ar_warps or block // 64
+        return block, max(1, min(8, warps, block // 32))
+
+    def _poll_variant(self, block: int, warps: int, norm: bool = False) -> dict:
         """The polls' constexprs: SPANS only where a ``block``-lane block has lanes in every
         one of ``warps`` warps (what makes its single reduction cross-warp)."""
         return dict(
             SPANS=self.fast_poll and block >= 32 * warps,
-            POLL_DELAY=self.poll_delay_ns if self.device.type == "cuda" else 0,
+            POLL_DELAY=(self.norm_poll_delay_ns if norm else self.poll_delay_ns)
+            if self.device.type == "cuda"
+            else 0,
         )
 
     def _launch(self, kernel, grid, *args, **kwargs):

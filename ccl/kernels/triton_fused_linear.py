@@ -36,8 +36,9 @@ epilogues run after every tile.
 The partial travels in fp32 (no rounding between the GEMV and the norm). Sequence number,
 done counter, status words and bounded waits are those of ``triton_mailbox`` (``ctrl``);
 the last program to finish publishes ``seq`` and resets the done counter, the ticket, the
-failure flag and the row counters (a row's counter has ``P`` readers, all done by then). Every 2^31 calls the unused tails of our peers' slots are rewritten with the
-current flag (``_scrub``), so no stale word can carry a matching 32-bit flag.
+failure flag and the row counters (a row's counter has ``P`` readers, all done by then).
+Every 2^31 calls the unused tails of our peers' slots are rewritten with the current flag
+(``_scrub``), so no stale word can carry a matching 32-bit flag.
 
 INT4 weights: GPTQ / AutoRound symmetric (vLLM's layout, see ``ccl.fused_linear``):
 qweight int32 ``[K/8, N]`` (nibble ``k % 8`` of word ``[k // 8, n]``), scales ``[K/G, N]``,

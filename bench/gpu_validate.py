@@ -887,40 +887,27 @@ def timing(mb, rank, world, dev, res, quick):
     res["timing_fused_us"] = F
 
 
-# (name, max_block, ar_warps, fast_poll, poll_delay_ns, algorithm); "base" is the library
-# default of session 4. Every configuration is timed SWEEP_ROUNDS times, interleaved, and its
+# (name, max_block, ar_warps, fast_poll, poll_delay_ns, max_programs, algorithm). Every configuration is timed SWEEP_ROUNDS times, interleaved, and its
 # median p50 kept: one graph's p50 can sit 0.3 us off another's for the same configuration.
 POLL_SWEEP = [
-    ("base", 1024, 0, False, 0, 128, "one_shot"),
-    ("fast", 1024, 0, True, 0, 128, "one_shot"),
-    ("b128 w1", 128, 1, True, 0, 128, "one_shot"),
-    ("b64 w1", 64, 1, True, 0, 128, "one_shot"),
-    ("b32 w1", 32, 1, True, 0, 128, "one_shot"),
-    ("b64 w2", 64, 2, True, 0, 128, "one_shot"),
-    ("b128 w4", 128, 4, True, 0, 128, "one_shot"),
-    ("b256 w4", 256, 4, True, 0, 128, "one_shot"),
-    ("b256 w8", 256, 8, True, 0, 128, "one_shot"),
-    ("b512 w8", 512, 8, True, 0, 128, "one_shot"),
-    ("b512 w4", 512, 4, True, 0, 128, "one_shot"),
-    ("b128 w1 p512", 128, 1, True, 0, 512, "one_shot"),
-    ("b64 w1 p1024", 64, 1, True, 0, 1024, "one_shot"),
-    ("b256 w4 p256", 256, 4, True, 0, 256, "one_shot"),
-    ("two fast", 1024, 0, True, 0, 128, "two_shot"),
-    ("two b256 w4 p256", 256, 4, True, 0, 256, "two_shot"),
+    ("default", 64, 0, True, 0, 1024, "one_shot"),
+    ("d150", 64, 0, True, 150, 1024, "one_shot"),
+    ("d300", 64, 0, True, 300, 1024, "one_shot"),
+    ("b32 w1", 32, 1, True, 0, 1024, "one_shot"),
+    ("s4 shape", 1024, 0, True, 0, 128, "one_shot"),
+    ("s4 shape two-poll", 1024, 0, False, 0, 128, "one_shot"),
+    ("two default", 64, 0, True, 0, 1024, "two_shot"),
 ]
-# fused norm: (name, fast_poll, poll_delay_ns, norm_chunk, norm_warps)
+# fused norm: (name, poll_delay_ns, norm_chunk, norm_warps, hop_delay_ns)
 NORM_SWEEP = [
-    ("base", False, 0, 256, 0),
-    ("fast", True, 0, 256, 0),
-    ("fast d300", True, 300, 256, 0),
-    ("fast d300 c128 w1", True, 300, 128, 1),
-    ("fast d300 c128 w2", True, 300, 128, 2),
-    ("fast d300 c128 w4", True, 300, 128, 4),
-    ("fast d300 c64 w1", True, 300, 64, 1),
-    ("fast d300 c64 w2", True, 300, 64, 2),
-    ("fast d300 c256 w4", True, 300, 256, 4),
-    ("fast d300 c256 w8", True, 300, 256, 8),
-    ("fast d300 c512 w4", True, 300, 512, 4),
+    ("default", 300, 256, 0, 0),
+    ("d0", 0, 256, 0, 0),
+    ("hop200", 300, 256, 0, 200),
+    ("hop500", 300, 256, 0, 500),
+    ("c64 w1", 300, 64, 1, 0),
+    ("c64 w1 hop300", 300, 64, 1, 300),
+    ("c128 w2", 300, 128, 2, 0),
+    ("c512 w8", 300, 512, 8, 0),
 ]
 SWEEP_ROUNDS = 3
 
@@ -930,7 +917,7 @@ def _sweep_set(mb, cfg):
 
 
 def _norm_set(mb, cfg):
-    _, mb.fast_poll, mb.poll_delay_ns, mb.norm_chunk, mb.norm_warps = cfg
+    _, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps, mb.norm_hop_delay_ns = cfg
 
 
 def poll_sweep(mb, rank, world, dev, res):
@@ -939,7 +926,8 @@ def poll_sweep(mb, rank, world, dev, res):
     configuration's result checked against the reference first."""
     saved = (None, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, mb.max_programs,
              None)
-    saved_norm = (None, mb.fast_poll, mb.poll_delay_ns, mb.norm_chunk, mb.norm_warps)
+    saved_norm = (None, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps,
+                  mb.norm_hop_delay_ns)
     sizes = [("8B fp32", torch.float32, 2)] + [
         (f"{kb}KB bf16", torch.bfloat16, kb * 512) for kb in (1, 8, 16, 64, 256)
     ]
@@ -991,7 +979,7 @@ def poll_sweep(mb, rank, world, dev, res):
         row["nccl"] = time_graph(lambda: dist.all_reduce(y))
         S[label] = row
         best = min((v["p50"], k) for k, v in row.items() if k != "nccl")
-        log(rank, f"  sweep {label:>10}: base {row['base']['p50']:.2f} {row['base']['runs']}, "
+        log(rank, f"  sweep {label:>10}: default {row['default']['p50']:.2f} {row['default']['runs']}, "
             f"best {best[0]:.2f} ({best[1]}) {row[best[1]].get('runs')}, nccl "
             f"{row['nccl']['p50']:.2f}")
     _sweep_set(mb, saved)

@@ -553,7 +553,10 @@ def worker_cuda(rank, world, port, shape, args, q):
                     f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in res.items()))
         comm.synchronize()
         _log(rank, t0, "timing done")
+        profile = _profile_graphs(graphs, ("ccl", "compute_only"), rank, t0) if args.profile \
+            else None
         q.put((rank, "ok", {"times": res, "diff": diff, "experts": st.expert_kind,
+                            "profile": profile,
                             "cross_rank_identical": cross_rank_identical,
                             "qk_fused": {"diff_vs_ccl": diff_qk,
                                          "cross_rank_identical": qk_identical},
@@ -571,6 +574,33 @@ def worker_cuda(rank, world, port, shape, args, q):
         tb = traceback.format_exc()
         print(f"[rank {rank}] FAILED:\n{tb}", flush=True)
         q.put((rank, "error", tb))
+
+
+def _profile_graphs(graphs, names, rank, t0, top=12):
+    """Per-kernel GPU time of one replay of each named graph (torch.profiler, CUDA activity):
+    where a step's time goes. Every rank replays (the graphs hold collectives)."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name in names:
+        dist.barrier()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs[name].replay()
+            torch.cuda.synchronize()
+        rows = []
+        for e in prof.key_averages():
+            us = getattr(e, "device_time_total", None)
+            if us is None:
+                us = getattr(e, "cuda_time_total", 0.0)
+            rows.append((e.key[:90], round(float(us), 1), int(e.count)))
+        rows.sort(key=lambda r: -r[1])
+        out[name] = dict(total_us=round(sum(r[1] for r in rows), 1), top=rows[:top])
+        _log(rank, t0, f"profile {name}: total {out[name]['total_us']:.0f} us; " + "; ".join(
+            f"{k} {us:.0f} us x{n}" for k, us, n in rows[:top]))
+    return out
 
 
 def _free_port() -> int:
@@ -593,6 +623,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-experts", choices=["auto", "vllm", "torch"], default="auto")
     p.add_argument("--json", type=str, default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: per-kernel time of one replay of the ccl and compute-only graphs")
     p.add_argument("--timeout", type=float, default=None,
                    help="whole-run bound in s (default: 600 cpu, 330 cuda)")
     args = p.parse_args(argv)
@@ -674,6 +706,8 @@ def report(args, shape, results, wall) -> int:
     if args.device != "cpu":
         comp = paths["compute_only"]["median_ms"]
         out["torch"], out["triton"] = r0.get("torch"), r0.get("triton")
+        if r0.get("profile"):
+            out["profile_rank0_us"] = r0["profile"]
         out["cross_rank_identical"] = all(results[r]["cross_rank_identical"] for r in results)
         out["graph_replay_matches_eager"] = all(results[r]["graph_replay_matches_eager"]
                                                 for r in results)

@@ -16,6 +16,7 @@
 #   blocks       gpu_validate with 256- and 1024-word all-reduce programs
 #   sweep        gpu_validate's sweep of all-reduce program shapes and poll variants (and of
 #                the fused norm's chunks), vs NCCL
+# DECODE_ARGS adds decode_step options (e.g. --profile).
 # FUSED_VARIANTS overrides the fused step's variants (e.g. default,split1,split2,split4).
 # Results go to $OUT (the device tool brings back at most 8 files: choose steps accordingly).
 set -uo pipefail
@@ -47,7 +48,7 @@ if want fused; then
 fi
 if want decode; then
     say "decode step"
-    timeout 200 python3 bench/decode_step.py --device cuda --full --timeout 190 \
+    timeout 200 python3 bench/decode_step.py --device cuda --full --timeout 190 ${DECODE_ARGS:-} \
         --json "$OUT/h200x2-decode-step.json" >>"$log" 2>&1 || say "decode_step rc=$?"
 fi
 if want bench; then

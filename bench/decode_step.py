@@ -215,24 +215,35 @@ class Stack:
         return qkv, qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
 
     def attention(self, l, q, k, v):
-        """Attention stand-in: the new token attends to a fixed KV cache plus itself (GQA)."""
-        import torch
+        """Attention stand-in: each new token attends to a fixed KV cache plus itself (GQA).
+        Its k/v go into the slot after the cache, as a decode step writes its KV cache, and
+        the ``rep`` q heads of a kv head are folded into SDPA's query axis, so nothing is
+        expanded or concatenated per step (session 4's stand-in materialised the GQA
+        expansion, ~19 us per layer of copies on H200: compute that no real attention does)."""
         import torch.nn.functional as F
 
         s = self.shape
         m = q.shape[0]
-        kc, vc = self.kv[l][0], self.kv[l][1]  # [L, hkv, d]
-        keys = torch.cat([kc.unsqueeze(0).expand(m, -1, -1, -1), k.view(m, 1, self.hkv, s.head_dim)], 1)
-        vals = torch.cat([vc.unsqueeze(0).expand(m, -1, -1, -1), v.view(m, 1, self.hkv, s.head_dim)], 1)
-        rep = self.hq // self.hkv
-        qh = q.reshape(m, self.hq, 1, s.head_dim)
-        L = keys.shape[1]  # GQA: each kv head serves `rep` q heads (expand, no host sync)
-        kh = keys.permute(0, 2, 1, 3).unsqueeze(2).expand(m, self.hkv, rep, L, s.head_dim)
-        vh = vals.permute(0, 2, 1, 3).unsqueeze(2).expand(m, self.hkv, rep, L, s.head_dim)
-        kh = kh.reshape(m, self.hq, L, s.head_dim)
-        vh = vh.reshape(m, self.hq, L, s.head_dim)
-        o = F.scaled_dot_product_attention(qh, kh, vh)
+        buf = self._kv_buffer(l, m)  # [2, m, hkv, L + 1, d]
+        buf[0, :, :, s.kv_len] = k.reshape(m, self.hkv, s.head_dim)
+        buf[1, :, :, s.kv_len] = v.reshape(m, self.hkv, s.head_dim)
+        rep = self.hq // self.hkv  # q head h uses kv head h // rep
+        qh = q.reshape(m, self.hkv, rep, s.head_dim)
+        o = F.scaled_dot_product_attention(qh, buf[0], buf[1])
         return o.reshape(m, self.hq * s.head_dim)
+
+    def _kv_buffer(self, l, m):
+        """Layer ``l``'s KV cache for ``m`` tokens, one free slot after it (built once)."""
+        import torch
+
+        bufs = self.__dict__.setdefault("_kv_bufs", {})
+        if (l, m) not in bufs:
+            kv = self.kv[l]  # [2, L, hkv, d]
+            b = torch.empty(2, m, self.hkv, kv.shape[1] + 1, kv.shape[3], dtype=kv.dtype,
+                            device=kv.device)
+            b[:, :, :, : kv.shape[1]] = kv.permute(0, 2, 1, 3).unsqueeze(1)
+            bufs[(l, m)] = b
+        return bufs[(l, m)]
 
     def route(self, l, x_norm):
         from ccl.fused_moe import route_topk

@@ -10,6 +10,7 @@
 #                timeout path, timing vs NCCL / SymmetricMemory
 #   fused        gpu_fused_linear (every case and tile variant)
 #   decode       decode_step --full
+#   decode_tiles decode_step --full with CCL_GEMV_TILES=$DECODE_TILES (row_int4=16x512x4)
 #   bench        ccl-bench --device cuda
 #   stall        stall_probe: the configurations that stalled before session 4's fix
 #   rank_limits  stall_probe with rank 1 waiting 3x longer than rank 0 (whose bound ends a stall)
@@ -50,6 +51,12 @@ if want decode; then
     say "decode step"
     timeout 200 python3 bench/decode_step.py --device cuda --full --timeout 190 ${DECODE_ARGS:-} \
         --json "$OUT/h200x2-decode-step.json" >>"$log" 2>&1 || say "decode_step rc=$?"
+fi
+if want decode_tiles; then
+    say "decode step, CCL_GEMV_TILES=${DECODE_TILES:-row_int4=16x512x4}"
+    CCL_GEMV_TILES=${DECODE_TILES:-row_int4=16x512x4} timeout 200 python3 bench/decode_step.py \
+        --device cuda --full --timeout 190 ${DECODE_ARGS:-} \
+        --json "$OUT/h200x2-decode-step-tiles.json" >>"$log" 2>&1 || say "decode_step rc=$?"
 fi
 if want bench; then
     say "ccl-bench"

@@ -558,13 +558,42 @@ _TILES = {
     ("dot", True): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
 }
 _ROW_MAX_M = 1  # up to this many rows, one row at a time; above, tl.dot
+_TILES_ENV = "CCL_GEMV_TILES"
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_overrides(raw: str) -> dict:
+    """``CCL_GEMV_TILES``: tile overrides for tuning on new hardware, e.g.
+    ``row_int4=16x512x4,dot=32x128x8`` (path ``row``/``dot``, ``_int4`` for INT4 weights;
+    ``BNxBKxWARPS``, powers of two)."""
+    out = {}
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            key, dims = item.split("=")
+            path, _, q = key.strip().partition("_")
+            bn, bk, warps = (int(v) for v in dims.lower().split("x"))
+            if path not in ("row", "dot") or q not in ("", "int4"):
+                raise ValueError(key)
+            if any(v <= 0 or v & (v - 1) for v in (bn, bk, warps)) or bk < 16 or warps > 16:
+                raise ValueError(dims)
+        except ValueError as exc:
+            raise ConfigError(f"{_TILES_ENV}: bad entry {item!r} ({exc}); expected e.g. "
+                              "row_int4=16x512x4") from None
+        out[(path, q == "int4")] = dataclasses.replace(_TILES[(path, q == "int4")], bn=bn,
+                                                       bk=bk, num_warps=warps)
+    return out
+
+
+def _tiles(path: str, int4: bool) -> GemvTiles:
+    return _tile_overrides(os.environ.get(_TILES_ENV, "")).get((path, int4),
+                                                              _TILES[(path, int4)])
 
 
 def gemv_tiles(m: int, int4: bool, moe: bool = False) -> GemvTiles:
     """The default tiles for an M-row GEMV (MoE: always one row, i.e. one slot, at a time)."""
     if moe or m <= _ROW_MAX_M:
-        return _TILES[("row", int4)]
-    t = _TILES[("dot", int4)]
+        return _tiles("row", int4)
+    t = _tiles("dot", int4)
     return dataclasses.replace(t, bm=min(64, max(t.bm, _next_pow2(m))))
 
 

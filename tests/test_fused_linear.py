@@ -694,3 +694,24 @@ def test_triton_fused_linear_interpret(tmp_path, seed):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+def test_gemv_tile_overrides(monkeypatch):
+    """CCL_GEMV_TILES overrides the GEMV tiles per path (tuning on new hardware); a bad entry
+    is refused with the expected format, never half-applied."""
+    from ccl.errors import ConfigError
+    from ccl.fused_linear import gemv_tiles
+
+    default_int4, default_bf16 = gemv_tiles(1, True), gemv_tiles(1, False)
+    monkeypatch.setenv("CCL_GEMV_TILES", "row_int4=32x1024x8")
+    t = gemv_tiles(1, True)
+    assert (t.bn, t.bk, t.num_warps, t.use_dot) == (32, 1024, 8, False)
+    assert gemv_tiles(1, False) == default_bf16 and gemv_tiles(1, True, moe=True) == t
+    monkeypatch.setenv("CCL_GEMV_TILES", "dot=64x64x4")
+    d = gemv_tiles(8, False)
+    assert (d.bn, d.bk, d.num_warps, d.use_dot, d.bm) == (64, 64, 4, True, 16)
+    assert gemv_tiles(1, True) == default_int4
+    for bad in ("row_int4=16x500x4", "rows=16x512x4", "row_int4=16x512", "dot_fp8=16x64x4"):
+        monkeypatch.setenv("CCL_GEMV_TILES", bad)
+        with pytest.raises(ConfigError, match="CCL_GEMV_TILES"):
+            gemv_tiles(1, True)

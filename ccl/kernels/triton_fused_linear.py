@@ -137,11 +137,20 @@ def _gemv_row(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end,
               XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
               BN: tl.constexpr, BK: tl.constexpr):
     """fp32 ``x_row[0:K] @ W[:, n0:n0+BN]`` (columns at or past ``n_end`` are 0), for one
-    activation row: the decode case (M = 1, and every MoE slot). Products accumulate
-    elementwise in registers and are reduced once at the end; the next K tile is loaded
-    before the current one is used, so two tiles are in flight per program."""
+    activation row: the decode case (M = 1, and every MoE slot). See ``_gemv_cols``."""
     cols = n0 + tl.arange(0, BN)
-    cm = cols < n_end
+    return _gemv_cols(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cols < n_end,
+                      XDT, WDT, INT4, BN, BK)
+
+
+@triton.jit
+def _gemv_cols(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm,
+               XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """fp32 ``x_row[0:K] @ W[:, cols]`` for ``BN`` column indices (``cm``: valid), one
+    activation row. Products accumulate elementwise in registers and are reduced once at
+    the end; the next K tile is loaded before the current one is used, so two tiles are in
+    flight per program."""
     if INT4:
         acc = tl.zeros([BK // 8, BN], tl.float32)
     else:
@@ -155,6 +164,54 @@ def _gemv_row(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end,
         acc = _row_fma(acc, xc, wc, sc, XDT, WDT, INT4, BK)
         k0 += BK
     return tl.sum(acc, 0)
+
+
+@triton.jit
+def _gemv_routed(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                 ids_ptr, tw_ptr, swe, sse, n_experts,
+                 XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr):
+    """``sum_s tw[m, s] * (x[m*TOPK + s] @ W[ids[m, s]][:, n0:n0+BN])`` over the routing
+    slots in order: one flat loop over (slot, K tile) whose prefetch runs across slot
+    boundaries (a loop per slot restarted its pipeline TOPK times: an exposed load latency
+    each). Per slot the same accumulation and reduction as ``_gemv_row``, so the same bits.
+    ids outside [0, E) are skipped (expert-parallel sentinel, as the CPU kernel): expert 0's
+    memory is read and nothing added."""
+    cols = n0 + tl.arange(0, BN)
+    cm = cols < N
+    nk = (K + BK - 1) // BK
+    total = tl.zeros([BN], tl.float32)
+    if INT4:
+        acc = tl.zeros([BK // 8, BN], tl.float32)
+    else:
+        acc = tl.zeros([BK, BN], tl.float32)
+    slot0 = m.to(tl.int64) * TOPK
+    e = tl.load(ids_ptr + slot0).to(tl.int64)
+    e = tl.where((e >= 0) & (e < n_experts), e, 0)
+    xn, wn, sn = _row_raw(x_ptr + slot0 * ldx, w_ptr + e * swe, swk, swn, s_ptr + e * sse,
+                          lds, group, K, tl.full([], 0, tl.int32), cols, cm, INT4, BK)
+    t = tl.full([], 0, tl.int32)
+    while t < TOPK * nk:
+        xc, wc, sc = xn, wn, sn
+        # the tile after this one: the next K tile of this slot, or the next slot's first
+        t1 = t + 1
+        s1 = tl.minimum(t1 // nk, TOPK - 1)
+        slot1 = slot0 + s1
+        e1 = tl.load(ids_ptr + slot1).to(tl.int64)
+        e1 = tl.where((e1 >= 0) & (e1 < n_experts), e1, 0)
+        k1 = tl.where(t1 < TOPK * nk, (t1 % nk) * BK, K)  # past the end: a masked load
+        xn, wn, sn = _row_raw(x_ptr + slot1 * ldx, w_ptr + e1 * swe, swk, swn,
+                              s_ptr + e1 * sse, lds, group, K, k1, cols, cm, INT4, BK)
+        acc = _row_fma(acc, xc, wc, sc, XDT, WDT, INT4, BK)
+        if (t % nk) == nk - 1:  # last K tile of slot t // nk: fold it in, in slot order
+            slot = slot0 + t // nk
+            es = tl.load(ids_ptr + slot).to(tl.int64)
+            ok = (es >= 0) & (es < n_experts)
+            y = tl.sum(acc, 0)
+            total = total + tl.where(ok, tl.load(tw_ptr + slot).to(tl.float32) * y, 0.0)
+            acc = tl.zeros_like(acc)
+        t += 1
+    return total
 
 
 @triton.jit
@@ -222,17 +279,8 @@ def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
         acc = _gemv_row(x_ptr + m.to(tl.int64) * ldx, w_ptr, swk, swn, s_ptr, lds, group, K,
                         n0, N, XDT, WDT, INT4, BN, BK)
     else:
-        acc = tl.zeros([BN], tl.float32)
-        for s in tl.static_range(TOPK):
-            slot = m.to(tl.int64) * TOPK + s
-            e = tl.load(ids_ptr + slot).to(tl.int64)
-            # ids outside [0, E) are skipped (expert-parallel sentinel, as the CPU kernel):
-            # read expert 0's memory, add nothing
-            ok = (e >= 0) & (e < n_experts)
-            e = tl.where(ok, e, 0)
-            y = _gemv_row(x_ptr + slot * ldx, w_ptr + e * swe, swk, swn, s_ptr + e * sse, lds,
-                          group, K, n0, N, XDT, WDT, INT4, BN, BK)
-            acc = acc + tl.where(ok, tl.load(tw_ptr + slot).to(tl.float32) * y, 0.0)
+        acc = _gemv_routed(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                           ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
     return acc
 
 
@@ -620,9 +668,17 @@ def moe_gate_up_kernel(
     x_row = x_ptr + (r // TOPK) * ldx
     w_e = w_ptr + e * swe
     s_e = s_ptr + e * sse
-    gate = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, n0, inter, XDT, WDT, INT4, BN, BK)
-    up = _gemv_row(x_row, w_e, swk, swn, s_e, lds, group, K, inter + n0, 2 * inter,
-                   XDT, WDT, INT4, BN, BK)
+    # gate and up columns in one [2*BN] tile: one K loop with twice the bytes in flight
+    # (two loops one after the other measured 31 us per layer on H200 at the full shape)
+    c2 = tl.arange(0, 2 * BN)
+    is_up = c2 >= BN
+    cc = n0 + tl.where(is_up, c2 - BN, c2)
+    both = _gemv_cols(x_row, w_e, swk, swn, s_e, lds, group, K,
+                      tl.where(is_up, inter + cc, cc), cc < inter, XDT, WDT, INT4, 2 * BN, BK)
+    half = tl.reshape(both, [2, BN])
+    which = tl.arange(0, 2)[:, None]
+    gate = tl.sum(tl.where(which == 0, half, 0.0), 0)
+    up = tl.sum(tl.where(which == 1, half, 0.0), 0)
     h = tl.where(ok, gate / (1.0 + tl.exp(-gate)) * up, 0.0)
     cols = n0 + tl.arange(0, BN)
     tl.store(h_ptr + r * inter + cols, ll.from_f32(h, XDT), mask=cols < inter)

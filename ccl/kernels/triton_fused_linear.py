@@ -49,6 +49,8 @@ vLLM's INT4 GEMMs do).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -71,6 +73,10 @@ from ccl.kernels.triton_mailbox import (
     _scrub,
     _wait_peer,
 )
+
+# INT4 dequantisation of the row path: scale applied once per packed word (default) or once
+# per nibble (CCL_INT4_SCALE_ONCE=0, read at import: the A/B switch for the bench).
+INT4_SCALE_ONCE = tl.constexpr(os.environ.get("CCL_INT4_SCALE_ONCE", "1") != "0")
 
 AUX_TICKET = tl.constexpr(0)  # next ticket of the running launch
 AUX_FAILED = tl.constexpr(1)  # nonzero: a tile program of the running launch failed a wait
@@ -121,10 +127,21 @@ def _row_fma(acc, xr, wr, sr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.con
         x8 = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)  # [BK/8, 8]
         sc = ll.bits_to_f32(ll.elem_bits(sr, WDT), WDT)  # [BK/8, BN]
         j8 = tl.arange(0, 8)[None, :]
-        for j in tl.static_range(8):
-            xj = tl.sum(tl.where(j8 == j, x8, 0.0), 1)  # x[k0 + 8 i + j]: [BK/8]
-            wj = (((wr >> (4 * j)) & 0xF) - 8).to(tl.float32) * sc
-            acc += xj[:, None] * wj
+        if INT4_SCALE_ONCE:
+            # sum_j x_j * (nibble_j - 8) for the packed word's 8 K values, then one multiply
+            # by the scale (one group per word) instead of eight; nibble - 8 from a float's
+            # mantissa (2^23 + nibble, exact) instead of an int -> float conversion
+            t = tl.zeros(acc.shape, tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.sum(tl.where(j8 == j, x8, 0.0), 1)  # x[k0 + 8 i + j]: [BK/8]
+                q = (((wr >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                t += xj[:, None] * (q - 8388616.0)
+            acc += t * sc
+        else:
+            for j in tl.static_range(8):
+                xj = tl.sum(tl.where(j8 == j, x8, 0.0), 1)  # x[k0 + 8 i + j]: [BK/8]
+                wj = (((wr >> (4 * j)) & 0xF) - 8).to(tl.float32) * sc
+                acc += xj[:, None] * wj
     else:
         xv = ll.bits_to_f32(ll.elem_bits(xr, XDT), XDT)
         wv = ll.bits_to_f32(ll.elem_bits(wr, WDT), WDT)

@@ -9,6 +9,7 @@
 #   validate     gpu_validate: eager + 100k graph-replayed one- and two-shot ops, mismatch,
 #                timeout path, timing vs NCCL / SymmetricMemory
 #   fused        gpu_fused_linear (every case and tile variant)
+#   fused_ab     gpu_fused_linear with CCL_INT4_SCALE_ONCE=0 (the older INT4 dequantisation)
 #   decode       decode_step --full
 #   decode_tiles decode_step --full with CCL_GEMV_TILES=$DECODE_TILES (row_int4=16x512x4)
 #   bench        ccl-bench --device cuda
@@ -45,6 +46,12 @@ if want fused; then
     say "fused linear"
     timeout 200 python3 bench/gpu_fused_linear.py --out "$OUT" --timeout 190 \
         --variants "${FUSED_VARIANTS:-default,warps8,bn_half}" >>"$log" 2>&1 \
+        || say "gpu_fused_linear rc=$?"
+fi
+if want fused_ab; then
+    say "fused linear, CCL_INT4_SCALE_ONCE=0 (A/B of the INT4 dequantisation)"
+    CCL_INT4_SCALE_ONCE=0 timeout 200 python3 bench/gpu_fused_linear.py --out "$OUT" \
+        --timeout 190 --variants default --tag scale-per-nibble >>"$log" 2>&1 \
         || say "gpu_fused_linear rc=$?"
 fi
 if want decode; then

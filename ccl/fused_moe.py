@@ -103,12 +103,51 @@ def _desc3(w) -> tuple:
 def route_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids int64 [M, k], topk_weights fp32 [M, k]): softmax over experts, top-k,
-    renormalised (vLLM ``fused_topk``). Deterministic, so every rank routes alike."""
+    renormalised (vLLM ``fused_topk``). Deterministic, so every rank routes alike. On a GPU
+    one Triton launch (``ccl.kernels.triton_route``; equal probabilities go to the lower
+    expert index, and Triton's ``exp`` may differ from torch's in the last bits), else
+    torch."""
+    if _route_on_device(router_logits, top_k):
+        return _route_topk_device(router_logits, top_k, renormalize)
     p = torch.softmax(router_logits.float(), dim=-1)
     w, ids = torch.topk(p, top_k, dim=-1)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
     return ids.to(torch.int64), w.contiguous()
+
+
+_ROUTE_MAX_EXPERTS = 4096  # one block per token row
+
+
+def _route_on_device(logits: torch.Tensor, top_k: int) -> bool:
+    if logits.device.type == "cpu" or logits.dim() != 2 or logits.stride(-1) != 1:
+        return False
+    if not 0 < top_k <= logits.shape[1] <= _ROUTE_MAX_EXPERTS:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _route_topk_device(logits, top_k, renormalize, *, launch=None):
+    from ccl.kernels.triton_route import route_topk_kernel
+
+    m, e = logits.shape
+    ids = torch.empty(m, top_k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
+    if m:
+        be = max(16, 1 << (e - 1).bit_length())
+        kp = max(2, 1 << (top_k - 1).bit_length())
+        (launch or _launch)(route_topk_kernel, (m,), logits, logits.stride(0), ids, w, e,
+                            TOPK=top_k, KP=kp, BE=be, RENORM=bool(renormalize),
+                            num_warps=max(1, min(8, be // 256)))
+    return ids, w
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    kernel[grid](*args, **kwargs)
 
 
 def _check_routing(ids, tw, m, num_experts):

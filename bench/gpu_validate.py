@@ -898,16 +898,13 @@ POLL_SWEEP = [
     ("s4 shape two-poll", 1024, 0, False, 0, 128, "one_shot"),
     ("two default", 64, 0, True, 0, 1024, "two_shot"),
 ]
-# fused norm: (name, poll_delay_ns, norm_chunk, norm_warps, hop_delay_ns)
+# fused norm: (name, poll_delay_ns, norm_chunk, norm_warps)
 NORM_SWEEP = [
-    ("default", 300, 256, 0, 0),
-    ("d0", 0, 256, 0, 0),
-    ("hop200", 300, 256, 0, 200),
-    ("hop500", 300, 256, 0, 500),
-    ("c64 w1", 300, 64, 1, 0),
-    ("c64 w1 hop300", 300, 64, 1, 300),
-    ("c128 w2", 300, 128, 2, 0),
-    ("c512 w8", 300, 512, 8, 0),
+    ("default", 300, 256, 0),
+    ("d0", 0, 256, 0),
+    ("c64 w1", 300, 64, 1),
+    ("c128 w2", 300, 128, 2),
+    ("c512 w8", 300, 512, 8),
 ]
 SWEEP_ROUNDS = 3
 
@@ -917,7 +914,7 @@ def _sweep_set(mb, cfg):
 
 
 def _norm_set(mb, cfg):
-    _, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps, mb.norm_hop_delay_ns = cfg
+    _, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps = cfg
 
 
 def poll_sweep(mb, rank, world, dev, res):
@@ -926,8 +923,7 @@ def poll_sweep(mb, rank, world, dev, res):
     configuration's result checked against the reference first."""
     saved = (None, mb.max_block, mb.ar_warps, mb.fast_poll, mb.poll_delay_ns, mb.max_programs,
              None)
-    saved_norm = (None, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps,
-                  mb.norm_hop_delay_ns)
+    saved_norm = (None, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps)
     sizes = [("8B fp32", torch.float32, 2)] + [
         (f"{kb}KB bf16", torch.bfloat16, kb * 512) for kb in (1, 8, 16, 64, 256)
     ]

@@ -254,9 +254,6 @@ class DeviceMailbox:
         #: slow the arriving writes) and gained nothing reliable on the all-reduce.
         self.poll_delay_ns = int(os.environ.get("CCL_DEVICE_POLL_DELAY_NS", "0"))
         self.norm_poll_delay_ns = int(os.environ.get("CCL_DEVICE_NORM_POLL_DELAY_NS", "300"))
-        #: split fused norm: nanoseconds before the wait for the row's other programs (CUDA;
-        #: a bench knob, CCL_DEVICE_NORM_HOP_DELAY_NS)
-        self.norm_hop_delay_ns = int(os.environ.get("CCL_DEVICE_NORM_HOP_DELAY_NS", "0"))
         #: fused norm: payload words per program when a row is split over programs (CUDA;
         #: CCL_DEVICE_NORM_CHUNK, 0 keeps one program per row). 256: 8x7168 bf16 5.7 vs 9.4 us
         #: on 2x H200. (Its session-2 hangs were the per-warp spin exits, docs/TRITON.md.)
@@ -525,7 +522,6 @@ class DeviceMailbox:
             SOLO=rows * split == 1,
             BACKEND=self.backend,
             **self._poll_variant(block, self.norm_warps or warps, norm=True),
-            HOP_DELAY=self.norm_hop_delay_ns if self.device.type == "cuda" else 0,
             num_warps=self.norm_warps or warps,
         )
         return out, residual_out

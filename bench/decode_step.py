@@ -247,9 +247,16 @@ class Stack:
         return bufs[(l, m)]
 
     def route(self, l, x_norm):
+        """Replicated fp32 router in nn.Linear's [experts, hidden] layout (vLLM's gate), then
+        softmax + top-k (``route_topk``)."""
+        import torch.nn.functional as F
+
         from ccl.fused_moe import route_topk
 
-        return route_topk(x_norm.float() @ self.router[l], self.shape.top_k)
+        gates = self.__dict__.setdefault("_router_out_in", {})
+        if l not in gates:
+            gates[l] = self.router[l].t().contiguous()
+        return route_topk(F.linear(x_norm.float(), gates[l]), self.shape.top_k)
 
 
 def _rms(r, w):

@@ -628,11 +628,14 @@ def _launch_now(kernel, grid, *args, **kwargs):
 # Epilogue of the fused kernels: each row's final pass (normalise and store) is split over
 # several programs of ``chunk`` columns each. CCL_FUSED_EPILOGUE_SPLIT (read once) sets the
 # programs per row: 1 is one program per row (rows up to _EPI_MAX_COLS), 0 or unset the
-# default below. Not measured yet on 2x H200 (bench/gpu_fused_linear.py --variants
-# default,split1,split2,split4,split8 sweeps it).
+# default below. 2x H200, N=3072 (bench/results/h200x2-fused-linear.json of session 5's
+# sweep, programs per row 1/2/4/8/6): bf16 M=1 8.43/7.95/7.81/7.73/7.72 us, INT4 M=1
+# 9.03/8.24/9.11/8.82/8.82, bf16 M=8 14.14/13.78/13.69/16.74/16.38, INT4 M=8
+# 16.83/16.85/16.51/17.56/17.45: two per row is never the worst and wins at M=8, where more
+# epilogue programs plus the tiles exceed the SMs.
 _EPI_MAX_COLS = 4096  # most columns of one epilogue program: one block, 32 fp32 per thread
 _EPI_AUTO_COLS = 512  # default: one program per this many columns ...
-_EPI_AUTO_MAX = 8  # ... and at most this many per row
+_EPI_AUTO_MAX = 2  # ... and at most this many per row
 _EPI_SPLIT_ENV = "CCL_FUSED_EPILOGUE_SPLIT"
 
 
@@ -654,7 +657,7 @@ def epilogue_split(cols: int, split: int | None = None) -> tuple[int, int, int]:
     programs of ``chunk`` columns (a multiple of 16, so every chunk starts aligned; the last
     one may be shorter), each one block of ``block`` lanes (a power of two >= chunk).
     ``split``: the programs per row wanted (None: CCL_FUSED_EPILOGUE_SPLIT; 0: the default,
-    one per 512 columns, 1 to 8); rows longer than 4096 columns get at least enough programs
+    one per 512 columns, 1 or 2); rows longer than 4096 columns get at least enough programs
     for 4096 columns each."""
     if split is None:
         split = _env_epilogue_split()

@@ -637,12 +637,13 @@ def test_epilogue_split_shapes(monkeypatch):
             assert chunk % 16 == 0 and (parts - 1) * chunk < cols <= parts * chunk, \
                 (cols, split, parts, chunk)
             assert block >= chunk and block & (block - 1) == 0 and block <= 4096
-            want = split if split else min(8, max(1, cols // 512))
+            want = split if split else min(2, max(1, cols // 512))
             assert parts <= max(want, -(-cols // 4096)), (cols, split, parts)
             if -(-cols // 16) >= want:  # enough 16-column chunks: each part at most ~1/want
                 assert chunk <= -(-cols // want) + 15
     assert FL.epilogue_split(3072, 1) == (1, 3072, 4096)  # one program per row
-    assert FL.epilogue_split(3072, 0)[0] == 6  # the default: 512 columns per program
+    assert FL.epilogue_split(3072, 0)[0] == 2  # the default: two programs per row
+    assert FL.epilogue_split(300, 0)[0] == 1  # (one for rows under 1024 columns)
     for raw, ok in (("4", 4), ("", 0), ("0", 0), ("-1", None), ("two", None)):
         monkeypatch.setenv("CCL_FUSED_EPILOGUE_SPLIT", raw)
         FL._env_epilogue_split.cache_clear()

@@ -917,6 +917,22 @@ def _norm_set(mb, cfg):
     _, mb.norm_poll_delay_ns, mb.norm_chunk, mb.norm_warps = cfg
 
 
+def _interleaved(mb, dev, cfgs, apply, checked, timed):
+    """{name: p50 (median of SWEEP_ROUNDS graph p50s), runs, ok} for configurations ``cfgs``
+    (name first), timed in interleaved rounds; ``apply(mb, cfg)`` sets one, ``checked(cfg)``
+    checks its result against the reference (first round), ``timed(cfg)`` is the call."""
+    runs = {c[0]: [] for c in cfgs}
+    ok = {}
+    for rnd in range(SWEEP_ROUNDS):
+        for cfg in cfgs:
+            apply(mb, cfg)
+            if rnd == 0:
+                ok[cfg[0]] = checked(cfg)
+            runs[cfg[0]].append(time_graph(timed(cfg))["p50"])
+            sync_check(mb, dev)
+    return {k: dict(p50=statistics.median(v), runs=v, ok=ok[k]) for k, v in runs.items()}
+
+
 def poll_sweep(mb, rank, world, dev, res):
     """All-reduce and fused-norm latency (graph replay p50, median of SWEEP_ROUNDS
     interleaved rounds) over the poll variants and program shapes of POLL_SWEEP, each
@@ -955,22 +971,16 @@ def poll_sweep(mb, rank, world, dev, res):
         ref = torch.stack(gather(x.float(), world)).sum(0)
         out = torch.empty_like(x)
         cfgs = [c for c in POLL_SWEEP if c[-1] == "one_shot" or numel >= 8192]
-        runs = {c[0]: [] for c in cfgs}
-        ok = {}
-        for rnd in range(SWEEP_ROUNDS):
-            for cfg in cfgs:
-                _sweep_set(mb, cfg)
-                if rnd == 0:
-                    out.fill_(float("nan"))
-                    mb.all_reduce(x, out, algorithm=cfg[-1])
-                    sync_check(mb, dev)
-                    tol = (1e-5 if dt == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
-                    ok[cfg[0]] = bool((out.float() - ref).abs().max().item() <= tol)
-                runs[cfg[0]].append(
-                    time_graph(lambda: mb.all_reduce(x, out, algorithm=cfg[-1]))["p50"]
-                )
-                sync_check(mb, dev)
-        row = {k: dict(p50=statistics.median(v), runs=v, ok=ok[k]) for k, v in runs.items()}
+        tol = (1e-5 if dt == torch.float32 else 2e-2) * max(1.0, ref.abs().max().item())
+
+        def checked(cfg):
+            out.fill_(float("nan"))
+            mb.all_reduce(x, out, algorithm=cfg[-1])
+            sync_check(mb, dev)
+            return bool((out.float() - ref).abs().max().item() <= tol)
+
+        row = _interleaved(mb, dev, cfgs, _sweep_set, checked,
+                           lambda cfg: lambda: mb.all_reduce(x, out, algorithm=cfg[-1]))
         y = x.clone()
         row["nccl"] = time_graph(lambda: dist.all_reduce(y))
         S[label] = row
@@ -988,24 +998,20 @@ def poll_sweep(mb, rank, world, dev, res):
         x0, r0 = x.clone(), resid.clone()  # the timed calls below work in place
         h = torch.stack(gather(x.float(), world)).sum(0) + resid.float()
         ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
-        runs = {c[0]: [] for c in NORM_SWEEP}
-        ok = {}
-        for rnd in range(SWEEP_ROUNDS):
-            for cfg in NORM_SWEEP:
-                _norm_set(mb, cfg)
-                if rnd == 0:
-                    o, r = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-                    mb.add_rms_norm(x0, r0, w, 1e-6, out=o, residual_out=r)
-                    sync_check(mb, dev)
-                    ok[cfg[0]] = bool(
-                        torch.equal(r, h.to(dt))
-                        and (o.float() - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
-                    )
-                runs[cfg[0]].append(time_graph(
-                    lambda: mb.add_rms_norm(x, resid, w, 1e-6, out=x, residual_out=resid)
-                )["p50"])
-                sync_check(mb, dev)
-        row = {k: dict(p50=statistics.median(v), runs=v, ok=ok[k]) for k, v in runs.items()}
+
+        def checked(cfg):
+            o, r = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+            mb.add_rms_norm(x0, r0, w, 1e-6, out=o, residual_out=r)
+            sync_check(mb, dev)
+            return bool(
+                torch.equal(r, h.to(dt))
+                and (o.float() - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+            )
+
+        row = _interleaved(
+            mb, dev, NORM_SWEEP, _norm_set, checked,
+            lambda cfg: lambda: mb.add_rms_norm(x, resid, w, 1e-6, out=x, residual_out=resid),
+        )
         N[f"{rows}x{cols} bf16"] = row
         log(rank, f"  sweep norm {rows}x{cols}: " + ", ".join(
             f"{k} {v['p50']:.2f}" for k, v in row.items()))

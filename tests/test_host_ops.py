@@ -27,12 +27,17 @@ DTYPES = ["float32", "bfloat16", "float16"]
 BF16 = torch.bfloat16
 ALGOS = ["one_shot", "two_shot", None]
 
-# Odd sizes, sizes around the LL/bulk protocol switch (256 B by default: 64 fp32 / 128 half;
-# test_ll_bulk_switch_sweep moves it), one 2 KiB bulk chunk (512 words) and its neighbours,
-# decode shapes (1x4096, 8x7168) and one above the 3/4-rank two-shot thresholds.
-AR_SHAPES = [(1,), (3,), (64,), (65,), (129,), (257,), (513,), (1023,), (1, 4096), (8, 7168),
-             (2, 3, 5), (70001,)]
-NORM_SHAPES = [(1,), (3,), (1023,), (1, 4096), (8, 7168), (7, 1), (5, 3, 7), (2, 40001)]
+# Odd sizes, sizes around the LL/bulk protocol switch (32 B by default: 8 fp32 / 16 half;
+# test_ll_bulk_switch_sweep moves it), one 2 KiB reduce step (512 words) and its neighbours,
+# one 16 KiB bulk flag chunk (4096 words: 4096 fp32 / 8192 half) and its neighbours, decode
+# shapes (1x4096, 8x7168) and one above the 3/4-rank two-shot thresholds.
+AR_SHAPES = [(1,), (3,), (8,), (9,), (16,), (17,), (64,), (65,), (129,), (257,), (513,),
+             (1023,), (4095,), (1, 4096), (4097,), (8191,), (8193,), (8, 7168), (2, 3, 5),
+             (70001,)]
+# (1, 4096): exactly one flag chunk of the fused 2-rank fp32 path; (1, 8192): one row over
+# two; (3, 3008): a row that straddles a flag chunk boundary.
+NORM_SHAPES = [(1,), (3,), (1023,), (1, 4096), (1, 8192), (3, 3008), (8, 7168), (7, 1),
+               (5, 3, 7), (2, 40001)]
 # (tokens, q columns, k columns) per rank
 QK_CASES = [(1, 1, 1), (3, 64, 16), (1, 96, 96), (5, 7, 3), (8, 128, 32), (64, 48, 24)]
 
@@ -247,8 +252,9 @@ def _rank_ll_sweep(ctx, seed, ll_max_bytes):
     try:
         eff = mb.ll_max_bytes  # clamped to the LL area and the capacity
         failures = []
+        # ... and around the 16 KiB bulk flag chunks (one, two, a part of a third).
         sizes = sorted({1, 2, 3, max(1, eff - 4), eff, eff + 2, eff + 4, 2048, 2052, 4096 + 6,
-                        (1 << 16) - 2})
+                        (1 << 14) - 2, 1 << 14, (1 << 14) + 2, (1 << 15) + 6, (1 << 16) - 2})
         for nbytes in sizes:
             for dtype in (torch.float32, torch.float16):
                 es = dtype.itemsize
@@ -270,7 +276,7 @@ def _rank_ll_sweep(ctx, seed, ll_max_bytes):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("ll_max_bytes", [0, 8, 256, 1024, 8192])
+@pytest.mark.parametrize("ll_max_bytes", [0, 8, 32, 256, 1024, 8192])
 def test_ll_bulk_switch_sweep(pool, seed, ll_max_bytes):
     """Payload sizes around the LL/bulk switch, with the switch moved (test hook, the same on
     every rank): both protocols carry every size exactly."""

@@ -50,6 +50,10 @@ def _rank_until_timeout(ctx, victim, kill_after, timeout_s, ready_dir):
     big = torch.ones(50_000)  # bulk protocol
     weight = torch.ones(4096, dtype=torch.bfloat16)
     xs = torch.ones(2, 4096, dtype=torch.bfloat16)
+    # fp32 16 KiB: the 2-rank one-pass bulk reduce and fused add_rms_norm (one flag chunk)
+    mid = torch.ones(4096)
+    w32, x32, res32 = torch.ones(4096), torch.ones(1, 4096), torch.ones(1, 4096)
+    out32, rout32 = torch.empty(1, 4096), torch.empty(1, 4096)
     calls = 0
     give_up = time.monotonic() + 120
     info = {}
@@ -58,7 +62,7 @@ def _rank_until_timeout(ctx, victim, kill_after, timeout_s, ready_dir):
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()
         try:
-            kind = calls % 4
+            kind = calls % 6
             if kind == 0:
                 comm.all_reduce(small)
                 small.fill_(1.0)
@@ -67,6 +71,12 @@ def _rank_until_timeout(ctx, victim, kill_after, timeout_s, ready_dir):
                 big.fill_(1.0)
             elif kind == 2:
                 comm.all_reduce_add_rms_norm(xs, None, weight, 1e-6)
+            elif kind == 3:
+                comm.all_reduce(mid)
+                mid.fill_(1.0)
+            elif kind == 4:
+                comm.all_reduce_add_rms_norm(x32, res32, w32, 1e-6, out=out32,
+                                             residual_out=rout32)
             else:
                 comm.all_reduce(small, out=torch.empty_like(small), algorithm="one_shot")
         except ccl.CollectiveTimeout as e:
@@ -151,7 +161,7 @@ def test_peer_dead_before_construction_is_bounded_by_timeout():
 
 
 # ---------------------------------------------------------------------------- wraparound
-WINDOWS = [(2**31 - 3, 2**31 + 3), (2**32 - 3, 2**32 + 3)]
+WINDOWS = [(2**31 - 5, 2**31 + 5), (2**32 - 5, 2**32 + 5)]
 
 
 def _wrap_op(comm, ctx, seed, s, i):
@@ -161,12 +171,15 @@ def _wrap_op(comm, ctx, seed, s, i):
         ("ar", torch.float32, (3,), "one_shot"),
         ("ar", torch.bfloat16, (5,), "two_shot"),
         ("norm", torch.float16, (1, 7), "one_shot"),
-        ("ar", torch.float32, (256,), "one_shot"),  # largest LL payload (1 KiB)
+        ("ar", torch.float32, (8,), "one_shot"),  # largest LL payload (32 B)
+        ("ar", torch.float32, (256,), "one_shot"),  # bulk, 1 KiB
+        ("norm", torch.float32, (1, 4096), "one_shot"),  # fused 2-rank path, one flag chunk
+        ("ar", torch.float32, (8193,), "one_shot"),  # 2-rank one-pass reduce, three chunks
         ("ar", torch.bfloat16, (8, 7168), "one_shot"),  # bulk, many chunks
         ("norm", torch.float32, (4, 7001), "two_shot"),
         ("qk", torch.bfloat16, (16, 64, 32), None),
         ("ar", torch.float32, (30001,), "two_shot"),
-    ][i % 8]
+    ][i % 11]
     kind, dtype, shape, algo = plan
     key = (s, i)
     if kind == "ar":
@@ -221,7 +234,7 @@ def _rank_wraparound(ctx, seed, windows, extra_calls):
 
 @pytest.mark.timeout(120)
 def test_sequence_wraparound(pool, seed):
-    """Ops across seq 2^31-3..2^31+3 then 2^32-3..2^32+3 on one communicator (the order a
+    """Ops across seq 2^31-5..2^31+5 then 2^32-5..2^32+5 on one communicator (the order a
     real run sees: the 2^31 calls scrub every slot before flags wrap at 2^32)."""
     seen = pool.run(_rank_wraparound, seed, WINDOWS, 1, note=f"seed={seed}")
     for lo, hi in WINDOWS:

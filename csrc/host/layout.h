@@ -17,7 +17,7 @@
 namespace ccl {
 
 constexpr uint64_t kMailboxMagic = 0x786f626c69616d63ull;  // "cmailbox"
-constexpr uint32_t kLayoutVersion = 2;
+constexpr uint32_t kLayoutVersion = 3;  // 3: bulk flags per bulk_chunk_words (was kChunkWords)
 constexpr size_t kControlBytes = 4096;
 constexpr int kPhases = 2;
 constexpr int kMaxWorld = 64;  // missing-rank reports are 64-bit masks
@@ -37,8 +37,27 @@ static_assert(sizeof(ControlBlock) <= kControlBytes, "control block too large");
 
 inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
-// Payload words reduced per step, and covered by one flag of the bulk protocol.
+// Payload words reduced per step (the size of a reader's fp32 accumulator).
 constexpr size_t kChunkWords = 512;
+// Largest bulk chunk: payload words published by one flag (16 KB). Finer flags let a reader
+// start on the first bytes sooner, but on the 2-core CI VM a reader that follows the writer
+// closely only slows both down (each flag line and the lines around it change hands again),
+// and each flag adds a store that orders the writer's copy: 2 KB flags measured ~10% slower
+// than 16 KB ones at 16 KB, and 16 KB flags as fast as one flag for the whole payload at
+// 64 KB. A multiple of kChunkWords, so a reduce step never straddles two flags.
+constexpr size_t kFlagChunkWords = 4096;
+static_assert(kFlagChunkWords % kChunkWords == 0, "a reduce step must lie inside one flag chunk");
+
+// Flag chunk of a bulk slot that carries `words` payload words: payloads up to two full chunks
+// are published in two halves (rounded up to whole reduce steps), so the reader starts on the
+// first half while the writer copies the second (2-core CI VM, 2 ranks fp32, against one flag
+// up to 16 KB: fused add_rms_norm 1x4096 -10%, 8 and 16 KB all-reduce -5%; fixed 4 or 8 KB
+// chunks were 3-12% slower at 32-64 KB). Writer and reader derive it from the same slot
+// size, so they always agree. At most max(2, ceil(words / kFlagChunkWords)) flags.
+inline int64_t bulk_chunk_words(int64_t words) {
+  const size_t half = round_up((static_cast<size_t>(words) + 1) / 2, kChunkWords);
+  return static_cast<int64_t>(std::min(kFlagChunkWords, std::max(half, kChunkWords)));
+}
 // Largest payload carried as LL packets; larger payloads use the bulk protocol.
 constexpr size_t kLLAreaBytes = 8192;
 
@@ -46,7 +65,7 @@ constexpr size_t kLLAreaBytes = 8192;
 // as an LL packet carrying a current flag:
 //   [0, kHeaderWords)           header packets (LL)
 //   [ll_offset, +ll_words)      LL payload packets            (payloads <= LL threshold)
-//   [flags_offset, +flag_words) one LL flag packet per chunk  (bulk protocol)
+//   [flags_offset, +flag_words) one LL flag packet per bulk chunk  (bulk protocol)
 //   [data_offset, ...)          raw payload bytes, published by the chunk's flag (release)
 struct MailboxLayout {
   int world = 0;
@@ -70,7 +89,8 @@ struct MailboxLayout {
     l.ll_offset = 8;  // header padded to a cache line
     l.ll_words = round_up(std::min(capacity_bytes, kLLAreaBytes) / 4 + 1, 8);
     l.flags_offset = l.ll_offset + l.ll_words;
-    l.flag_words = round_up((l.cap_words + kChunkWords - 1) / kChunkWords, 8);
+    l.flag_words =
+        round_up(std::max<size_t>(2, (l.cap_words + kFlagChunkWords - 1) / kFlagChunkWords), 8);
     l.data_offset = l.flags_offset + l.flag_words;
     l.slot_words = l.data_offset + l.cap_words / 2;
     l.shard_words_max = round_up((l.cap_words + world - 1) / world, 8);

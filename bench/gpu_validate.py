@@ -740,6 +740,15 @@ def mismatch_check(mb, rank, world, dev, res):
 
 
 # ============================================================================ 4. timing
+FUSED_SHAPES = ((1, 4096), (8, 7168))  # the fused norm's timed shapes (the issue's bars)
+
+
+def _fused_inputs(rows, cols, dt, dev):
+    """Fresh random (x, residual, norm weight) of one fused-norm timing shape."""
+    return (torch.randn(rows, cols, device=dev).to(dt), torch.randn(rows, cols, device=dev).to(dt),
+            torch.randn(cols, device=dev).to(dt))
+
+
 def time_graph(fn, n_inner=32, reps=120, warm=2):
     for _ in range(warm):
         fn()
@@ -825,11 +834,9 @@ def timing(mb, rank, world, dev, res, quick):
         )
 
     F = {}
-    for rows, cols in ((1, 4096), (8, 7168)):
+    for rows, cols in FUSED_SHAPES:
         dt = torch.bfloat16
-        x = torch.randn(rows, cols, device=dev).to(dt)
-        resid = torch.randn(rows, cols, device=dev).to(dt)
-        w = torch.randn(cols, device=dev).to(dt)
+        x, resid, w = _fused_inputs(rows, cols, dt, dev)
         row = {}
         for algo in ALGOS:
             row[f"ccl_fused_{algo}"] = time_graph(
@@ -953,7 +960,7 @@ def poll_sweep(mb, rank, world, dev, res):
                 _sweep_set(mb, cfg)
                 mb.all_reduce(x, torch.empty_like(x), algorithm=cfg[-1])
         _sweep_set(mb, saved)
-        for rows, cols in ((1, 4096), (8, 7168)):
+        for rows, cols in FUSED_SHAPES:
             x = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
             for cfg in NORM_SWEEP:
                 _norm_set(mb, cfg)
@@ -990,11 +997,9 @@ def poll_sweep(mb, rank, world, dev, res):
             f"{row['nccl']['p50']:.2f}")
     _sweep_set(mb, saved)
     N = {}
-    for rows, cols in ((1, 4096), (8, 7168)):
+    for rows, cols in FUSED_SHAPES:
         dt = torch.bfloat16
-        x = torch.randn(rows, cols, device=dev).to(dt)
-        resid = torch.randn(rows, cols, device=dev).to(dt)
-        w = torch.randn(cols, device=dev).to(dt)
+        x, resid, w = _fused_inputs(rows, cols, dt, dev)
         x0, r0 = x.clone(), resid.clone()  # the timed calls below work in place
         h = torch.stack(gather(x.float(), world)).sum(0) + resid.float()
         ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()

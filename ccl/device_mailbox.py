@@ -242,7 +242,7 @@ class DeviceMailbox:
         #: the per-warp spin exits fixed in session 4, and session 5 validated 1024-program
         #: launches of single-warp programs (docs/TRITON.md).
         self.max_programs = int(os.environ.get("CCL_DEVICE_MAX_PROGRAMS", str(_MAX_AR_PROGRAMS)))
-        #: warps per all-reduce program (0: one per 128 payload words, 1..8); a bench knob,
+        #: warps per all-reduce program (0: one per 64 payload words, 1..8); a bench knob,
         #: CCL_DEVICE_AR_WARPS
         self.ar_warps = int(os.environ.get("CCL_DEVICE_AR_WARPS", "0"))
         #: polls with one cross-warp reduction instead of two (``_poll_code`` SPANS) wherever
@@ -641,7 +641,7 @@ class DeviceMailbox:
     def _ar_shape(self, n_words: int) -> tuple[int, int]:
         """(payload words per program, warps per program) of an all-reduce launch.
 
-        2x H200, session 5 sweep (bench/results/h200x2-s5-sweep.json): about two payload words
+        2x H200, session 5 sweeps (bench/results/h200x2-s5-sweep{1,2,3}.json): about two payload words
         per thread is fastest at every size, and single-warp programs beat wide ones once
         there are several (8 KB bf16: 2.89 us in 64-word programs vs 3.38 in 1024-word ones;
         256 KB: 4.49 vs 4.93; a poll of a wide program pays a cross-warp reduction). So: up

@@ -30,7 +30,16 @@ import torch
 
 from ccl.comm import Communicator, NormStyle
 from ccl.errors import CclError
-from ccl.fused_linear import _DTYPE_CODES, _KIND_DENSE_KN, Int4Weights, _code, _native, _outputs, _rows
+from ccl.fused_linear import (
+    _DTYPE_CODES,
+    _KIND_DENSE_KN,
+    Int4Weights,
+    _code,
+    _launch_now,
+    _native,
+    _outputs,
+    _rows,
+)
 
 __all__ = ["ExpertWeights", "VllmExperts", "moe_all_reduce_add_rms_norm", "moe_partial",
            "route_topk"]
@@ -141,14 +150,17 @@ def _route_topk_device(logits, top_k, renormalize, *, launch=None):
     if m:
         be = max(16, 1 << (e - 1).bit_length())
         kp = max(2, 1 << (top_k - 1).bit_length())
-        (launch or _launch)(route_topk_kernel, (m,), logits, logits.stride(0), ids, w, e,
-                            TOPK=top_k, KP=kp, BE=be, RENORM=bool(renormalize),
-                            num_warps=max(1, min(8, be // 256)))
+        (launch or _launch_now)(route_topk_kernel, (m,), logits, logits.stride(0), ids, w, e,
+                                TOPK=top_k, KP=kp, BE=be, RENORM=bool(renormalize),
+                                num_warps=max(1, min(8, be // 256)))
     return ids, w
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    kernel[grid](*args, **kwargs)
+@functools.lru_cache(maxsize=1)
+def _env_fused_down() -> bool:
+    """CCL_MOE_FUSED_DOWN, read once (as the fused linear's CCL_FUSED_EPILOGUE_SPLIT): not on
+    every MoE layer's call."""
+    return os.environ.get("CCL_MOE_FUSED_DOWN", "0") != "0"
 
 
 def _check_routing(ids, tw, m, num_experts):
@@ -222,7 +234,7 @@ def moe_all_reduce_add_rms_norm(
 
     On a GPU, ``fused_down`` picks one kernel for the routed down projection + all-reduce +
     add + norm (True) or the expert partial through memory and then the fused all-reduce +
-    norm (False). None: ``CCL_MOE_FUSED_DOWN`` (default 0: on 2x H200 the two-kernel form
+    norm (False). None: ``CCL_MOE_FUSED_DOWN``, read once (default 0: on 2x H200 the two-kernel form
     measured 0.5 ms per decode step faster at the MiniMax-M2 shape, session 5).
     """
     gemma = NormStyle(norm_style) is NormStyle.GEMMA
@@ -240,7 +252,7 @@ def moe_all_reduce_add_rms_norm(
     out, residual_out = _outputs(x2, h, tuple(x.shape), residual, norm_weight, out, residual_out)
     if not x.is_cpu:
         if fused_down is None:
-            fused_down = os.environ.get("CCL_MOE_FUSED_DOWN", "0") != "0"
+            fused_down = _env_fused_down()
         _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual,
                                  norm_weight, float(eps), gemma, out, residual_out,
                                  fused_down)

@@ -579,10 +579,8 @@ void HostMailbox::push_payload(const Call& c, const OpHeader& hdr, const uint8_t
       // another protocol) waits and times out instead of reading zeros as data.
       const uint32_t stale = c.flag - 2;
       const size_t ll_used = bulk ? 0 : static_cast<size_t>(w1 - w0);
-      const size_t flags_used =
-          bulk ? static_cast<size_t>((w1 - w0 + bulk_chunk_words(w1 - w0) - 1) /
-                                     bulk_chunk_words(w1 - w0))
-               : 0;
+      const int64_t chunk = bulk_chunk_words(w1 - w0);
+      const size_t flags_used = bulk ? static_cast<size_t>((w1 - w0 + chunk - 1) / chunk) : 0;
       push_tail(slot + layout_.ll_offset, ll_used, layout_.ll_words, stale);
       push_tail(slot + layout_.flags_offset, flags_used, layout_.flag_words, stale);
       // Two-shot owners overwrite the used part of hop 2 with the current flag later; doing

@@ -12,6 +12,8 @@
 #   fused_ab     gpu_fused_linear with CCL_INT4_SCALE_ONCE=0 (the older INT4 dequantisation)
 #   decode       decode_step --full
 #   decode_tiles decode_step --full with CCL_GEMV_TILES=$DECODE_TILES (row_int4=16x512x4)
+#   moe          gpu_moe: the MoE stand-in's gate/up and down kernels per tile variant
+#                (MOE_UP / MOE_DOWN: comma lists of BNxBKxWARPS), one GPU
 #   bench        ccl-bench --device cuda
 #   stall        stall_probe: the configurations that stalled before session 4's fix
 #   rank_limits  stall_probe with rank 1 waiting 3x longer than rank 0 (whose bound ends a stall)
@@ -64,6 +66,11 @@ if want decode_tiles; then
     CCL_GEMV_TILES=${DECODE_TILES:-row_int4=16x512x4} timeout 200 python3 bench/decode_step.py \
         --device cuda --full --timeout 190 ${DECODE_ARGS:-} \
         --json "$OUT/h200x2-decode-step-tiles.json" >>"$log" 2>&1 || say "decode_step rc=$?"
+fi
+if want moe; then
+    say "moe kernels"
+    timeout 200 python3 bench/gpu_moe.py --up "${MOE_UP:-default}" --down "${MOE_DOWN:-default}" \
+        --json "$OUT/h200-moe.json" >>"$log" 2>&1 || say "gpu_moe rc=$?"
 fi
 if want bench; then
     say "ccl-bench"

@@ -550,14 +550,20 @@ class GemvTiles:
 # Defaults by (path, INT4), from bench/results/h200x2-fused-linear.json (2x H200, K 1536 per
 # rank, N 3072, bf16): GEMV alone M=1 bf16 3.5 us (torch F.linear 4.5), INT4 3.7 us with
 # 16-column tiles of 512 K values (more bytes in flight per step; 5.9 us with 256); M=8
-# bf16 8.0 us with 8 warps. The interpreter and other devices use the
-# same.
+# bf16 8.0 us with 8 warps. ``up`` / ``down``: the MoE gate/up kernel and the routed down
+# projection (every slot's K step in one tile: BK K values per slot); their numbers are in
+# bench/results/h200x2-moe.json. The interpreter and other devices use the same.
 _TILES = {
     ("row", False): GemvTiles(bn=16, bk=256),
     ("row", True): GemvTiles(bn=16, bk=512),  # session 5: INT4 M=1 3.67 us (bk 256: 5.89)
     ("dot", False): GemvTiles(bn=32, bk=128, use_dot=True, bm=16, num_warps=8),
     ("dot", True): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
+    ("up", False): GemvTiles(bn=16, bk=256),
+    ("up", True): GemvTiles(bn=16, bk=512),
+    ("down", False): GemvTiles(bn=16, bk=64, num_warps=8),
+    ("down", True): GemvTiles(bn=16, bk=256, num_warps=8),
 }
+_PATHS = ("row", "dot", "up", "down")
 _ROW_MAX_M = 1  # up to this many rows, one row at a time; above, tl.dot
 _TILES_ENV = "CCL_GEMV_TILES"
 
@@ -565,7 +571,8 @@ _TILES_ENV = "CCL_GEMV_TILES"
 @functools.lru_cache(maxsize=None)
 def _tile_overrides(raw: str) -> dict:
     """``CCL_GEMV_TILES``: tile overrides for tuning on new hardware, e.g.
-    ``row_int4=16x512x4,dot=32x128x8`` (path ``row``/``dot``, ``_int4`` for INT4 weights;
+    ``row_int4=16x512x4,dot=32x128x8,down_int4=16x256x8`` (path ``row`` / ``dot`` / ``up``
+    (MoE gate/up) / ``down`` (MoE down projection), ``_int4`` for INT4 weights;
     ``BNxBKxWARPS``, powers of two)."""
     out = {}
     for item in filter(None, (p.strip() for p in raw.split(","))):
@@ -573,7 +580,7 @@ def _tile_overrides(raw: str) -> dict:
             key, dims = item.split("=")
             path, _, q = key.strip().partition("_")
             bn, bk, warps = (int(v) for v in dims.lower().split("x"))
-            if path not in ("row", "dot") or q not in ("", "int4"):
+            if path not in _PATHS or q not in ("", "int4"):
                 raise ValueError(key)
             if any(v <= 0 or v & (v - 1) for v in (bn, bk, warps)) or bk < 16 or warps > 16:
                 raise ValueError(dims)
@@ -590,9 +597,14 @@ def _tiles(path: str, int4: bool) -> GemvTiles:
                                                               _TILES[(path, int4)])
 
 
-def gemv_tiles(m: int, int4: bool, moe: bool = False) -> GemvTiles:
-    """The default tiles for an M-row GEMV (MoE: always one row, i.e. one slot, at a time)."""
-    if moe or m <= _ROW_MAX_M:
+def gemv_tiles(m: int, int4: bool, moe: str | None = None) -> GemvTiles:
+    """The default tiles for an M-row GEMV, or for an MoE kernel (``moe``: ``"up"``, the
+    gate/up kernel, or ``"down"``, the routed down projection; both one row at a time)."""
+    if moe is not None:
+        if moe not in ("up", "down"):
+            raise ValueError(f"moe must be 'up' or 'down', got {moe!r}")
+        return _tiles(moe, int4)
+    if m <= _ROW_MAX_M:
         return _tiles("row", int4)
     t = _tiles("dot", int4)
     return dataclasses.replace(t, bm=min(64, max(t.bm, _next_pow2(m))))
@@ -688,16 +700,18 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
     m = x.shape[0] // max(1, topk)
     if out is None:
         out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (m, n) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 [{m}, {n}] tensor")
-    t = tiles or gemv_tiles(m, quant is not None, moe=topk > 0)
+    elif (out.dtype not in (torch.float32, x.dtype) or tuple(out.shape) != (m, n)
+          or not out.is_contiguous() or out.device != x.device):
+        raise ValueError(f"out must be a contiguous [{m}, {n}] tensor of fp32 or x's dtype "
+                         f"({x.dtype}) on {x.device}, got {tuple(out.shape)} {out.dtype}")
+    t = tiles or gemv_tiles(m, quant is not None, moe="down" if topk else None)
     (launch or _launch_now)(
         F.linear_kernel, ((n + t.bn - 1) // t.bn,),
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
         n_experts,
         XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
         BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
-        num_warps=t.num_warps,
+        SLOTS=_next_pow2(max(1, topk)), ODT=_DTYPE_CODES[out.dtype], num_warps=t.num_warps,
     )
     return out
 
@@ -716,7 +730,7 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
     inter = n2 // 2
     if out is None:
         out = torch.empty((m * topk, inter), dtype=x.dtype, device=x.device)
-    t = tiles or gemv_tiles(1, quant is not None, moe=True)
+    t = tiles or gemv_tiles(1, quant is not None, moe="up")
     (launch or _launch_now)(
         F.moe_gate_up_kernel, ((inter + t.bn - 1) // t.bn, m * topk),
         x, x.stride(0), topk_ids, w13.shape[0] if quant is None else quant.num_experts, w_ptr,
@@ -756,7 +770,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
              | (F.FLAG_INT4 if quant is not None else 0) | (F.FLAG_MOE if topk else 0))
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
-    t = tiles or gemv_tiles(m, quant is not None, moe=topk > 0)
+    t = tiles or gemv_tiles(m, quant is not None, moe="down" if topk else None)
     n_tiles = (n + t.bn - 1) // t.bn
     parts, chunk, block = epilogue_split(n, epi_split)
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
@@ -772,6 +786,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         ids, tw, swe, sse, n_experts,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
         USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
+        SLOTS=_next_pow2(max(1, topk)),
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, HAS_RES=residual is not None,
         HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,

@@ -176,7 +176,7 @@ def _check_routing(ids, tw, m, num_experts):
 
 def moe_partial(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 experts: ExpertWeights, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """moe_partial(x, topk_ids, topk_weights, experts, *, out=None) -> fp32 [M, H]
+    """moe_partial(x, topk_ids, topk_weights, experts, *, out=None) -> [M, H]
 
     This rank's MoE partial (stand-in kernels: C++ on the CPU, Triton on devices; not a
     collective)::
@@ -186,24 +186,34 @@ def moe_partial(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 
     with ``G_e, U_e = w13[e][:, :I], w13[e][:, I:]`` and ``D_e = w2[e]``; fp32 math. The
     intermediate is not rounded on the CPU, and rounded to x's dtype on devices (as vLLM's
-    fused MoE). Ids outside [0, E) are skipped (expert-parallel sentinel)."""
+    fused MoE). Ids outside [0, E) are skipped (expert-parallel sentinel). ``out``: fp32
+    (the default), or x's dtype to get the partial rounded once for a 16-bit all-reduce
+    (on devices the kernel stores it so: no separate cast)."""
     _code(x, "x")
     x2 = _rows(x)
     m, h = x2.shape
     if h != experts.hidden:
         raise ValueError(f"x has {h} features but the experts take H={experts.hidden}")
     _check_routing(topk_ids, topk_weights, m, experts.num_experts)
+    if out is not None and (out.dtype not in (torch.float32, x.dtype) or out.numel() != m * h
+                            or not out.is_contiguous() or out.device != x.device):
+        raise ValueError(f"out must be a contiguous tensor of {m}x{h} fp32 or x's dtype "
+                         f"({x.dtype}) on {x.device}, got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}")
     if not x.is_cpu:
         return _device_partial(x2, topk_ids, topk_weights, experts, out)
-    if out is None:
-        out = torch.empty((m, h), dtype=torch.float32)
+    res = out if out is not None and out.dtype == torch.float32 else \
+        torch.empty((m, h), dtype=torch.float32)
     w13, w2 = experts._descs
     st = _native().moe_f32(_DTYPE_CODES[x.dtype], x2.data_ptr(), x2.stride(0), m,
                            topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
-                           experts.num_experts, w13, w2, out.data_ptr())
+                           experts.num_experts, w13, w2, res.data_ptr())
     if st:
         raise CclError(f"MoE kernel rejected its arguments (status {st})")
-    return out
+    if out is not None and out is not res:
+        out.copy_(res)
+        return out
+    return res
 
 
 def moe_all_reduce_add_rms_norm(
@@ -301,13 +311,16 @@ def _device_gate_up(x2, topk_ids, experts):
 
 def _device_partial(x2, topk_ids, topk_weights, experts, out):
     """Device MoE partial through the Triton stand-in kernels: gate/up (``h`` in x's dtype,
-    as vLLM's fused MoE keeps its intermediate), then the routed down projection (fp32)."""
+    as vLLM's fused MoE keeps its intermediate), then the routed down projection (fp32, or
+    stored in ``out``'s 16-bit dtype)."""
     from ccl.fused_linear import device_linear_partial
 
     h = _device_gate_up(x2, topk_ids, experts)
     w2, q2 = _split(experts.w2)
-    return device_linear_partial(h, w2, quant=q2, out=out, topk_ids=topk_ids,
-                                 topk_weights=topk_weights)
+    flat = None if out is None else out.view(x2.shape[0], -1)
+    res = device_linear_partial(h, w2, quant=q2, out=flat, topk_ids=topk_ids,
+                                topk_weights=topk_weights)
+    return res if out is None else out
 
 
 def _device_moe_add_rms_norm(comm, x2, topk_ids, topk_weights, experts, residual, norm_weight,

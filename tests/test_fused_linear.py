@@ -423,8 +423,8 @@ def _interp_moe(mb, rank, world, seed):
     fused with the all-reduce + add + norm (routing in the fused kernel), INT4 and dense
     experts, against a dequantise-then-matmul fp32 reference; also the unfused down
     projection (linear_kernel with routing) against the same partial."""
-    from ccl.fused_linear import Int4Weights, device_linear_add_rms_norm, device_linear_partial
-    from ccl.fused_linear import device_moe_gate_up
+    from ccl.fused_linear import GemvTiles, Int4Weights, device_linear_add_rms_norm
+    from ccl.fused_linear import device_linear_partial, device_moe_gate_up
 
     out_digests = []
     for j, (int4, m, topk, e, hdim, inter) in enumerate([(True, 2, 3, 5, 64, 32),
@@ -460,6 +460,16 @@ def _interp_moe(mb, rank, world, seed):
         torch.testing.assert_close(h.float(), h_ref.reshape(h.shape).float(), rtol=2e-2, atol=2e-2)
         partial = device_linear_partial(h, w2_d, quant=q2_m, topk_ids=ids, topk_weights=tw)
         torch.testing.assert_close(partial, parts[rank], rtol=2e-2, atol=2e-2)
+        # several K steps per slot (every slot's step in one tile), and the partial stored
+        # in x's dtype: the fp32 partial rounded once
+        steps = GemvTiles(bn=16, bk=16 if int4 else 8, num_warps=2)
+        out16 = poison_like(torch.empty(m, hdim, dtype=dtype))
+        device_linear_partial(h, w2_d, quant=q2_m, topk_ids=ids, topk_weights=tw, tiles=steps,
+                              out=out16)
+        torch.testing.assert_close(out16.float(), parts[rank], rtol=2e-2, atol=2e-2)
+        again = device_linear_partial(h, w2_d, quant=q2_m, topk_ids=ids, topk_weights=tw,
+                                      tiles=steps)
+        assert torch.equal(out16, again.to(dtype)), f"moe case {j}: 16-bit out != fp32 rounded"
         residual = gen(seed, ("mres", j), (m, hdim), dtype)
         nw = gen(seed, ("mnw", j), (hdim,), dtype)
         # the fused kernel adds the partials computed from this rank's h: use the same h on
@@ -707,7 +717,15 @@ def test_gemv_tile_overrides(monkeypatch):
     monkeypatch.setenv("CCL_GEMV_TILES", "row_int4=32x1024x8")
     t = gemv_tiles(1, True)
     assert (t.bn, t.bk, t.num_warps, t.use_dot) == (32, 1024, 8, False)
-    assert gemv_tiles(1, False) == default_bf16 and gemv_tiles(1, True, moe=True) == t
+    assert gemv_tiles(1, False) == default_bf16 and gemv_tiles(8, True) != t
+    default_down = gemv_tiles(1, True, moe="down")
+    assert gemv_tiles(1, True, moe="up") != t and default_down != t
+    monkeypatch.setenv("CCL_GEMV_TILES", "down_int4=32x128x4, up=64x64x2")
+    assert (gemv_tiles(1, True, moe="down").bn, gemv_tiles(1, True, moe="down").bk) == (32, 128)
+    assert gemv_tiles(1, False, moe="up").num_warps == 2
+    assert gemv_tiles(1, True, moe="up") == default_int4
+    with pytest.raises(ValueError, match="up.*down"):
+        gemv_tiles(1, True, moe="gate")
     monkeypatch.setenv("CCL_GEMV_TILES", "dot=64x64x4")
     d = gemv_tiles(8, False)
     assert (d.bn, d.bk, d.num_warps, d.use_dot, d.bm) == (64, 64, 4, True, 16)

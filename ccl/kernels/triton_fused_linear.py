@@ -184,59 +184,73 @@ def _gemv_cols(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm,
 
 
 @triton.jit
-def _expert(ids_ptr, slot, n_experts):
-    """Expert of routing ``slot`` and whether it is in [0, E) (else expert 0's memory is
-    read and nothing added: the expert-parallel sentinel, as the CPU kernel)."""
-    e = tl.load(ids_ptr + slot).to(tl.int64)
-    ok = (e >= 0) & (e < n_experts)
-    return tl.where(ok, e, 0), ok
+def _slots_raw(x_rows, w_rows, s_rows, rok, swk, swn, lds, group, K, k0, cols, cm,
+               INT4: tl.constexpr, BK: tl.constexpr, R: tl.constexpr):
+    """Raw loads of one K step of every routing slot at once: tile row ``i`` belongs to slot
+    ``i // (BK/8)`` (INT4) or ``i // BK`` (dense), whose activation row, expert weights and
+    scales start at ``x_rows[i]``, ``w_rows[i]``, ``s_rows[i]`` (``rok``: the slot exists
+    and routes to an expert here; else nothing is read and the row stays 0). The shapes are
+    ``_row_raw``'s with ``R`` rows, so ``_row_fma`` consumes them unchanged."""
+    i = tl.arange(0, R)
+    if INT4:
+        k8 = k0 + (i % (BK // 8)) * 8
+        km = (k8 < K) & rok
+        m2 = km[:, None] & cm[None, :]
+        xr = tl.load(x_rows[:, None] + k8[:, None] + tl.arange(0, 8)[None, :], mask=km[:, None],
+                     other=0.0)
+        wr = tl.load(w_rows[:, None] + (k8 // 8).to(tl.int64)[:, None] * swk
+                     + cols[None, :] * swn, mask=m2, other=0)
+        sr = tl.load(s_rows[:, None] + (k8 // group).to(tl.int64)[:, None] * lds
+                     + cols[None, :], mask=m2, other=0.0)
+    else:
+        ks = k0 + i % BK
+        km = (ks < K) & rok
+        xr = tl.load(x_rows + ks, mask=km, other=0.0)
+        wr = tl.load(w_rows[:, None] + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                     mask=km[:, None] & cm[None, :], other=0.0)
+        sr = wr
+    return xr, wr, sr
 
 
 @triton.jit
 def _gemv_routed(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
                  ids_ptr, tw_ptr, swe, sse, n_experts,
                  XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr):
-    """``sum_s tw[m, s] * (x[m*TOPK + s] @ W[ids[m, s]][:, n0:n0+BN])`` over the routing
-    slots in order. The prefetch runs across slot boundaries (the last K tile of a slot loads
-    the next slot's first), and each slot's expert id is loaded a slot ahead, so no step waits
-    on a dependent id load and no slot restarts the pipeline (2x H200: the loop per slot cost
-    ~1 us per K tile). Per slot the same accumulation and reduction as ``_gemv_row``, so the
-    same bits."""
+                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr):
+    """``sum_s tw[m, s] * (x[m*TOPK + s] @ W[ids[m, s]][:, n0:n0+BN])``: every routing slot's
+    K step is one tile (``SLOTS`` = TOPK rounded up to a power of two, rows of absent slots
+    masked), so a K step has all TOPK experts' bytes in flight and the dependent chain is
+    K / BK steps long, not TOPK * K / BK (2x H200, MiniMax-M2 down projection: one slot at a
+    time took ~21 us per layer, each step waiting on one 4 KB tile). Ids outside [0, E) are
+    skipped: their rows read nothing and add 0 (the expert-parallel sentinel)."""
+    RS: tl.constexpr = BK // 8 if INT4 else BK  # tile rows per slot
+    R: tl.constexpr = SLOTS * RS
     cols = n0 + tl.arange(0, BN)
     cm = cols < N
-    total = tl.zeros([BN], tl.float32)
-    if INT4:
-        acc = tl.zeros([BK // 8, BN], tl.float32)
-    else:
-        acc = tl.zeros([BK, BN], tl.float32)
-    slot0 = m.to(tl.int64) * TOPK
-    e_cur, ok_cur = _expert(ids_ptr, slot0, n_experts)
-    e_nxt, ok_nxt = _expert(ids_ptr, slot0 + (1 if TOPK > 1 else 0), n_experts)
-    zero = tl.full([], 0, tl.int32)
-    xn, wn, sn = _row_raw(x_ptr + slot0 * ldx, w_ptr + e_cur * swe, swk, swn,
-                          s_ptr + e_cur * sse, lds, group, K, zero, cols, cm, INT4, BK)
-    for s in tl.static_range(TOPK):
-        slot = slot0 + s
-        nslot = slot0 + (s + 1 if s + 1 < TOPK else s)
-        k0 = zero
-        while k0 < K:
-            xc, wc, sc = xn, wn, sn
-            more = k0 + BK < K  # else: the next slot's first tile (past the last: masked)
-            kk = tl.where(more, k0 + BK, 0 if s + 1 < TOPK else K)
-            ee = tl.where(more, e_cur, e_nxt)
-            xs = tl.where(more, slot, nslot)
-            xn, wn, sn = _row_raw(x_ptr + xs * ldx, w_ptr + ee * swe, swk, swn,
-                                  s_ptr + ee * sse, lds, group, K, kk, cols, cm, INT4, BK)
-            acc = _row_fma(acc, xc, wc, sc, XDT, WDT, INT4, BK)
-            k0 += BK
-        y = tl.sum(acc, 0)
-        total = total + tl.where(ok_cur, tl.load(tw_ptr + slot).to(tl.float32) * y, 0.0)
-        acc = tl.zeros_like(acc)
-        e_cur, ok_cur = e_nxt, ok_nxt
-        if s + 2 < TOPK:
-            e_nxt, ok_nxt = _expert(ids_ptr, slot0 + s + 2, n_experts)
-    return total
+    sidx = tl.arange(0, R) // RS
+    slot = m.to(tl.int64) * TOPK + sidx
+    e = tl.load(ids_ptr + slot, mask=sidx < TOPK, other=-1).to(tl.int64)
+    rok = (sidx < TOPK) & (e >= 0) & (e < n_experts)
+    e = tl.where(rok, e, 0)
+    x_rows = x_ptr + slot * ldx
+    w_rows = w_ptr + e * swe
+    s_rows = s_ptr + e * sse
+    acc = tl.zeros([R, BN], tl.float32)
+    k0 = tl.full([], 0, tl.int32)
+    xn, wn, sn = _slots_raw(x_rows, w_rows, s_rows, rok, swk, swn, lds, group, K, k0, cols, cm,
+                            INT4, BK, R)
+    while k0 < K:
+        xc, wc, sc = xn, wn, sn
+        xn, wn, sn = _slots_raw(x_rows, w_rows, s_rows, rok, swk, swn, lds, group, K, k0 + BK,
+                                cols, cm, INT4, BK, R)
+        acc = _row_fma(acc, xc, wc, sc, XDT, WDT, INT4, BK)
+        k0 += BK
+    y = tl.sum(tl.reshape(acc, [SLOTS, RS, BN]), 1)  # [SLOTS, BN]: one row per slot
+    s = tl.arange(0, SLOTS)
+    es = tl.load(ids_ptr + m.to(tl.int64) * TOPK + s, mask=s < TOPK, other=-1)
+    sok = (s < TOPK) & (es >= 0) & (es < n_experts)
+    tw = tl.load(tw_ptr + m.to(tl.int64) * TOPK + s, mask=sok, other=0.0).to(tl.float32)
+    return tl.sum(tl.where(sok[:, None], tw[:, None] * y, 0.0), 0)
 
 
 @triton.jit
@@ -295,7 +309,8 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
 def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
                  ids_ptr, tw_ptr, swe, sse, n_experts,
                  XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr,
+                 SLOTS: tl.constexpr):
     """Row ``m`` of this rank's fp32 partial, columns ``[n0, n0+BN)``. ``TOPK == 0``: a
     linear layer, ``x[m] @ W``. ``TOPK > 0``: an MoE down projection, ``sum_s tw[m, s] *
     (x[m*TOPK + s] @ W[ids[m, s]])`` over the routing slots in order (experts stacked along
@@ -305,7 +320,8 @@ def _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
                         n0, N, XDT, WDT, INT4, BN, BK)
     else:
         acc = _gemv_routed(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                           ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
+                           ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK,
+                           SLOTS)
     return acc
 
 
@@ -424,7 +440,7 @@ def linear_add_rms_norm_kernel(
     ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-    NATIVE: tl.constexpr, TOPK: tl.constexpr,
+    NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
     BACKEND: tl.constexpr,
@@ -472,7 +488,8 @@ def linear_add_rms_norm_kernel(
             while m < M:
                 failed_raw = _failed_flag(aux, BACKEND)
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
+                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK,
+                                   SLOTS)
                 _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
                              ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
                              res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,
@@ -593,7 +610,7 @@ def linear_qk_rms_norm_kernel(
             m = tl.full([], 0, tl.int32)
             while m < M:
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                                   x_ptr, x_ptr, 0, 0, 0, XDT, WDT, INT4, BN, BK, 0)
+                                   x_ptr, x_ptr, 0, 0, 0, XDT, WDT, INT4, BN, BK, 0, 1)
                 y = ll.from_f32(acc, XDT)
                 tl.store(qkv_ptr + m.to(tl.int64) * N + cols, y, mask=cols < N)
                 yf = y.to(tl.float32)
@@ -649,9 +666,10 @@ def linear_kernel(
     ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-    NATIVE: tl.constexpr, TOPK: tl.constexpr,
+    NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr, ODT: tl.constexpr,
 ):
-    """The partial alone (no communication): fp32 ``out [M, N]``, one program per BN columns
+    """The partial alone (no communication): ``out [M, N]`` (dtype code ``ODT``: fp32, or
+    rounded once to bf16 / fp16 for a 16-bit all-reduce), one program per BN columns
     running exactly the GEMV tiles of ``linear_add_rms_norm_kernel`` (same helpers, same
     blocks), so it times the fused kernel's compute share and is the unfused path's GEMV."""
     n0 = tl.program_id(0) * BN
@@ -662,15 +680,16 @@ def linear_kernel(
             acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
                             XDT, WDT, INT4, BM, BN, BK, NATIVE)
             rows = m0 + tl.arange(0, BM)
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc,
-                     mask=(rows < M)[:, None] & (cols < N)[None, :])
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                     ll.from_f32(acc, ODT), mask=(rows < M)[:, None] & (cols < N)[None, :])
             m0 += BM
     else:
         m = tl.full([], 0, tl.int32)
         while m < M:
             acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                               ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK)
-            tl.store(out_ptr + m.to(tl.int64) * N + cols, acc, mask=cols < N)
+                               ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK,
+                               SLOTS)
+            tl.store(out_ptr + m.to(tl.int64) * N + cols, ll.from_f32(acc, ODT), mask=cols < N)
             m += 1
 
 

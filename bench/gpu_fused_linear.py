@@ -89,14 +89,14 @@ def variant_tiles(variant, m, int4):
         return dataclasses.replace(t, bk=max(32, t.bk // 2))
     if variant == "bn_half":
         return dataclasses.replace(t, bn=max(16 if t.use_dot else 8, t.bn // 2))
-    if variant.startswith(("bk", "bn", "w")):  # e.g. bk512, bk512_bn32: row path only
-        if t.use_dot:
-            return None
-        dims = dict(bk=t.bk, bn=t.bn, w=t.num_warps)
+    if variant.startswith(("bk", "bn", "w", "st")):  # e.g. bk512, bk512_bn32, bn16_st3
+        dims = dict(bk=t.bk, bn=t.bn, w=t.num_warps, st=t.stages)
         for part in variant.split("_"):
             key = part.rstrip("0123456789")
             dims[key] = int(part[len(key):])
-        return dataclasses.replace(t, bk=dims["bk"], bn=dims["bn"], num_warps=dims["w"])
+        # tl.dot needs 16 columns: a narrower bn applies to the row path only
+        return dataclasses.replace(t, bk=dims["bk"], num_warps=dims["w"], stages=dims["st"],
+                                   bn=max(16, dims["bn"]) if t.use_dot else dims["bn"])
     raise ValueError(variant)
 # bf16 outputs vs the fp32 reference: |got - ref| <= ATOL + RTOL * |ref|. A bf16 ulp is 2^-7
 # relative at worst; the kernel's fp32 partials are summed in another order than the

@@ -538,13 +538,15 @@ class GemvTiles:
     ``use_dot``: several activation rows per tile through ``tl.dot`` (``bm`` rows, padded to
     at least 16); otherwise one row at a time with elementwise fp32 products (the decode
     case, and every MoE slot). ``bn`` columns x ``bk`` K values per step; ``num_warps`` of
-    the launch (the fused kernel's epilogue shares it)."""
+    the launch (the fused kernel's epilogue shares it); ``stages``: K tiles in flight in the
+    ``tl.dot`` path's software pipeline (the row path always has two: it prefetches one)."""
 
     bn: int
     bk: int
     use_dot: bool = False
     bm: int = 1
     num_warps: int = 4
+    stages: int = 1
 
 
 # Defaults by (path, INT4), from bench/results/h200x2-fused-linear.json (2x H200, K 1536 per
@@ -560,8 +562,11 @@ _TILES = {
     ("dot", True): GemvTiles(bn=32, bk=128, use_dot=True, bm=16),
     ("up", False): GemvTiles(bn=16, bk=256),
     ("up", True): GemvTiles(bn=16, bk=512),
-    ("down", False): GemvTiles(bn=16, bk=64, num_warps=8),
-    ("down", True): GemvTiles(bn=16, bk=256, num_warps=8),
+    ("down", False): GemvTiles(bn=8, bk=64),  # (dense experts: not measured on a GPU)
+    # 2x H200 (h200-moe-s6-run{1,2}.json), INT4 down projection H 3072, I 768, top-8, one
+    # token: 8x256x4 9.2 us, 4x128x4 10.0, 16x256x8 11.6, 16x512x8 17.7; one slot at a
+    # time (session 5) ~21 us in the decode profile; roofline 2.0 us
+    ("down", True): GemvTiles(bn=8, bk=256),
 }
 _PATHS = ("row", "dot", "up", "down")
 _ROW_MAX_M = 1  # up to this many rows, one row at a time; above, tl.dot
@@ -571,24 +576,31 @@ _TILES_ENV = "CCL_GEMV_TILES"
 @functools.lru_cache(maxsize=None)
 def _tile_overrides(raw: str) -> dict:
     """``CCL_GEMV_TILES``: tile overrides for tuning on new hardware, e.g.
-    ``row_int4=16x512x4,dot=32x128x8,down_int4=16x256x8`` (path ``row`` / ``dot`` / ``up``
+    ``row_int4=16x512x4,dot=32x128x8x3,down_int4=8x256x4`` (path ``row`` / ``dot`` / ``up``
     (MoE gate/up) / ``down`` (MoE down projection), ``_int4`` for INT4 weights;
-    ``BNxBKxWARPS``, powers of two)."""
+    ``BNxBKxWARPS``, powers of two, and optionally ``xSTAGES``, 1..8, the dot path's
+    pipeline depth)."""
     out = {}
     for item in filter(None, (p.strip() for p in raw.split(","))):
         try:
             key, dims = item.split("=")
             path, _, q = key.strip().partition("_")
-            bn, bk, warps = (int(v) for v in dims.lower().split("x"))
-            if path not in _PATHS or q not in ("", "int4"):
+            vals = [int(v) for v in dims.lower().split("x")]
+            if len(vals) not in (3, 4) or (len(vals) == 4 and not 1 <= vals[3] <= 8):
+                raise ValueError(dims)
+            bn, bk, warps = vals[:3]
+            base = _TILES[(path, q == "int4")] if path in _PATHS and q in ("", "int4") else None
+            if base is None:
                 raise ValueError(key)
             if any(v <= 0 or v & (v - 1) for v in (bn, bk, warps)) or bk < 16 or warps > 16:
                 raise ValueError(dims)
         except ValueError as exc:
             raise ConfigError(f"{_TILES_ENV}: bad entry {item!r} ({exc}); expected e.g. "
-                              "row_int4=16x512x4") from None
-        out[(path, q == "int4")] = dataclasses.replace(_TILES[(path, q == "int4")], bn=bn,
-                                                       bk=bk, num_warps=warps)
+                              "row_int4=16x512x4 or dot=16x128x4x3 (BNxBKxWARPS[xSTAGES])"
+                              ) from None
+        out[(path, q == "int4")] = dataclasses.replace(
+            base, bn=bn, bk=bk, num_warps=warps,
+            stages=vals[3] if len(vals) == 4 else base.stages)
     return out
 
 
@@ -710,7 +722,8 @@ def device_linear_partial(x, weight=None, *, quant=None, out=None, tiles=None,
         x, x.stride(0), w_ptr, swk, swn, s_ptr, lds, group, out, m, k, n, ids, tw, swe, sse,
         n_experts,
         XDT=_DTYPE_CODES[x.dtype], WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn,
-        BK=t.bk, USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
+        BK=t.bk, USE_DOT=t.use_dot, STAGES=t.stages,
+        NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         SLOTS=_next_pow2(max(1, topk)), ODT=_DTYPE_CODES[out.dtype], num_warps=t.num_warps,
     )
     return out
@@ -785,7 +798,8 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         ids, tw, swe, sse, n_experts,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
-        USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
+        USE_DOT=t.use_dot, STAGES=t.stages,
+        NATIVE=_native_dot(x, wdt, quant is not None), TOPK=topk,
         SLOTS=_next_pow2(max(1, topk)),
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, HAS_RES=residual is not None,
@@ -834,7 +848,8 @@ def device_linear_qk_rms_norm(dm, x, weight, quant, q_weight, k_weight, eps, *, 
         dm._table, dm._ctrl, state.aux, dm.rank, *h,
         dm._hop1, dm.layout.slot_words, dm._hop2, dm.layout.hop2_words, dm.limit,
         XDT=code, WDT=wdt, INT4=quant is not None, BM=t.bm, BN=t.bn, BK=t.bk,
-        USE_DOT=t.use_dot, NATIVE=_native_dot(x, wdt, quant is not None),
+        USE_DOT=t.use_dot, STAGES=t.stages,
+        NATIVE=_native_dot(x, wdt, quant is not None),
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, BACKEND=dm.backend, num_warps=t.num_warps,
     )

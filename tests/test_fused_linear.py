@@ -730,7 +730,11 @@ def test_gemv_tile_overrides(monkeypatch):
     d = gemv_tiles(8, False)
     assert (d.bn, d.bk, d.num_warps, d.use_dot, d.bm) == (64, 64, 4, True, 16)
     assert gemv_tiles(1, True) == default_int4
-    for bad in ("row_int4=16x500x4", "rows=16x512x4", "row_int4=16x512", "dot_fp8=16x64x4"):
+    monkeypatch.setenv("CCL_GEMV_TILES", "dot=16x128x4x3")
+    d = gemv_tiles(8, False)
+    assert (d.bn, d.bk, d.num_warps, d.stages) == (16, 128, 4, 3)
+    for bad in ("row_int4=16x500x4", "rows=16x512x4", "row_int4=16x512", "dot_fp8=16x64x4",
+                "dot=16x128x4x9", "dot=16x128x4x2x1"):
         monkeypatch.setenv("CCL_GEMV_TILES", bad)
         with pytest.raises(ConfigError, match="CCL_GEMV_TILES"):
             gemv_tiles(1, True)

@@ -266,9 +266,11 @@ def _dot_operand(ptr, mask, DT: tl.constexpr, NATIVE: tl.constexpr):
 @triton.jit
 def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
               XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr,
+              STAGES: tl.constexpr):
     """fp32 ``x[m0:m0+BM, :] @ W[:, n0:n0+BN]`` with ``tl.dot`` (rows/columns past M/N are 0),
-    for several activation rows. ``NATIVE``: 16-bit operands straight to the tensor cores
+    for several activation rows; the K loop software-pipelined over ``STAGES`` tiles (1: each
+    step's loads issued at the step). ``NATIVE``: 16-bit operands straight to the tensor cores
     (INT4 dequantised to x's dtype first, as vLLM's INT4 GEMMs do), fp32 accumulation;
     otherwise fp32 operands and an IEEE fp32 dot (the Triton interpreter, fp32 activations,
     or mixed dtypes)."""
@@ -277,8 +279,7 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
     rmask = rows < M
     cmask = cols < N
     acc = tl.zeros([BM, BN], tl.float32)
-    k0 = tl.full([], 0, tl.int32)
-    while k0 < K:
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
         xt = _dot_operand(x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :],
@@ -301,7 +302,6 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
             acc = tl.dot(xt, wt, acc)
         else:
             acc = tl.dot(xt, wt, acc, input_precision="ieee")
-        k0 += BK
     return acc
 
 
@@ -440,6 +440,7 @@ def linear_add_rms_norm_kernel(
     ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    STAGES: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
@@ -477,7 +478,7 @@ def linear_add_rms_norm_kernel(
             while m0 < M:
                 failed_raw = _failed_flag(aux, BACKEND)
                 acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                                XDT, WDT, INT4, BM, BN, BK, NATIVE)
+                                XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
                 _tile_reduce(acc, m0 + tl.arange(0, BM), cols, M, N, flag, seq, table, ctrl,
                              aux, rank, phase, my_hdr, hop1_off, slot_words, limit, res_ptr,
                              sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES, WORLD,
@@ -560,6 +561,7 @@ def linear_qk_rms_norm_kernel(
     hop1_off, slot_words, hop2_off, hop2_words, limit,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    STAGES: tl.constexpr,
     NATIVE: tl.constexpr, BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr,
     WORLD: tl.constexpr, BACKEND: tl.constexpr,
 ):
@@ -593,7 +595,7 @@ def linear_qk_rms_norm_kernel(
             m0 = tl.full([], 0, tl.int32)
             while m0 < M:
                 acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                                XDT, WDT, INT4, BM, BN, BK, NATIVE)
+                                XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
                 rows = m0 + tl.arange(0, BM)
                 rm = rows < M
                 y = ll.from_f32(acc, XDT)
@@ -666,6 +668,7 @@ def linear_kernel(
     ids_ptr, tw_ptr, swe, sse, n_experts,
     XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+    STAGES: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr, ODT: tl.constexpr,
 ):
     """The partial alone (no communication): ``out [M, N]`` (dtype code ``ODT``: fp32, or
@@ -678,7 +681,7 @@ def linear_kernel(
         m0 = tl.full([], 0, tl.int32)
         while m0 < M:
             acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                            XDT, WDT, INT4, BM, BN, BK, NATIVE)
+                            XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
             rows = m0 + tl.arange(0, BM)
             tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
                      ll.from_f32(acc, ODT), mask=(rows < M)[:, None] & (cols < N)[None, :])

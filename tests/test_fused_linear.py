@@ -677,8 +677,13 @@ def test_row_limit_matches_the_kernel():
     assert fused_linear._MAX_ROWS == triton_fused_linear.MAX_ROWS
 
 
-def test_triton_fused_linear_interpret(tmp_path, seed):
+# CCL_FUSED_GUESS (read at import by the spawned ranks): "1" the default (row tiles load
+# their guessed first weight tile before the ticket; the interpreter's tickets follow program
+# ids, so every guess hits), "2" every guess wrong (the reload path)
+@pytest.mark.parametrize("guess", ["1", "2"])
+def test_triton_fused_linear_interpret(tmp_path, seed, guess, monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setenv("CCL_FUSED_GUESS", guess)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     world = 2
@@ -714,6 +719,7 @@ def test_gemv_tile_overrides(monkeypatch):
     from ccl.fused_linear import gemv_tiles
 
     default_int4, default_bf16 = gemv_tiles(1, True), gemv_tiles(1, False)
+    default_up = gemv_tiles(1, True, moe="up")
     monkeypatch.setenv("CCL_GEMV_TILES", "row_int4=32x1024x8")
     t = gemv_tiles(1, True)
     assert (t.bn, t.bk, t.num_warps, t.use_dot) == (32, 1024, 8, False)
@@ -723,7 +729,7 @@ def test_gemv_tile_overrides(monkeypatch):
     monkeypatch.setenv("CCL_GEMV_TILES", "down_int4=32x128x4, up=64x64x2")
     assert (gemv_tiles(1, True, moe="down").bn, gemv_tiles(1, True, moe="down").bk) == (32, 128)
     assert gemv_tiles(1, False, moe="up").num_warps == 2
-    assert gemv_tiles(1, True, moe="up") == default_int4
+    assert gemv_tiles(1, True, moe="up") == default_up
     with pytest.raises(ValueError, match="up.*down"):
         gemv_tiles(1, True, moe="gate")
     monkeypatch.setenv("CCL_GEMV_TILES", "dot=64x64x4")

@@ -561,10 +561,11 @@ _TILES = {
     # vs 10.04 and 9.50 vs 11.03; decode step 4.92 vs 5.01 ms
     ("row", False): GemvTiles(bn=8, bk=256),
     ("row", True): GemvTiles(bn=8, bk=512),  # session 5: INT4 M=1 3.67 us (bk 256: 5.89)
-    # M > 1 through tl.dot, software-pipelined (h200x2-fused-linear-m8sweep.json, M=8):
-    # bf16 4 warps 4 stages fused 10.11 us (GEMV 5.68; unpipelined 8 warps 13.78 / 8.00);
-    # INT4 256 K values 3 stages 13.28 (GEMV 7.63; unpipelined 16.75 / 12.41)
-    ("dot", False): GemvTiles(bn=32, bk=128, use_dot=True, bm=16, stages=4),
+    # M > 1 through tl.dot, software-pipelined (h200x2-fused-linear-m8sweep.json and
+    # -s6-guess0.json, M=8): bf16 256 K values, 4 warps, 4 stages fused 9.36 us (GEMV 4.43,
+    # torch 4.47; unpipelined 128 K values 8 warps 13.78 / 8.00); INT4 256 K values 3 stages
+    # 13.27 (GEMV 7.82; unpipelined 16.75 / 12.41)
+    ("dot", False): GemvTiles(bn=32, bk=256, use_dot=True, bm=16, stages=4),
     ("dot", True): GemvTiles(bn=32, bk=256, use_dot=True, bm=16, stages=3),
     ("up", False): GemvTiles(bn=16, bk=256),
     ("up", True): GemvTiles(bn=16, bk=512),

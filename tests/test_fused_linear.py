@@ -677,13 +677,8 @@ def test_row_limit_matches_the_kernel():
     assert fused_linear._MAX_ROWS == triton_fused_linear.MAX_ROWS
 
 
-# CCL_FUSED_GUESS (read at import by the spawned ranks): "1" the default (row tiles load
-# their guessed first weight tile before the ticket; the interpreter's tickets follow program
-# ids, so every guess hits), "2" every guess wrong (the reload path)
-@pytest.mark.parametrize("guess", ["1", "2"])
-def test_triton_fused_linear_interpret(tmp_path, seed, guess, monkeypatch):
+def test_triton_fused_linear_interpret(tmp_path, seed):
     pytest.importorskip("triton")
-    monkeypatch.setenv("CCL_FUSED_GUESS", guess)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     world = 2

@@ -78,11 +78,6 @@ from ccl.kernels.triton_mailbox import (
 # per nibble (CCL_INT4_SCALE_ONCE=0, read at import: the A/B switch for the bench).
 INT4_SCALE_ONCE = tl.constexpr(os.environ.get("CCL_INT4_SCALE_ONCE", "1") != "0")
 
-# Row-path tile programs load their guessed first weight tile before taking the ticket
-# (``_guess_first_tile``): CCL_FUSED_GUESS=0 turns it off (the bench's A/B), read at import.
-# (2 guesses wrong on purpose: the tests' way into the reload path.)
-GUESS = tl.constexpr(int(os.environ.get("CCL_FUSED_GUESS", "1") or "1"))
-
 AUX_TICKET = tl.constexpr(0)  # next ticket of the running launch
 AUX_FAILED = tl.constexpr(1)  # nonzero: a tile program of the running launch failed a wait
 # Row counters sit two cache lines away from the ticket, which every program's start hits.
@@ -166,40 +161,6 @@ def _gemv_row(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end,
 
 
 @triton.jit
-def _guess_first_tile(x_ptr, w_ptr, swk, swn, s_ptr, lds, group, K, N, n_tiles,
-                      INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      SPEC: tl.constexpr):
-    """Before a fused kernel takes its ticket: the tile this program will most likely get
-    (its program id: programs mostly start in id order) and that tile's first K step of row
-    0, loaded now. The ticket is a same-address atomic whose round trip every tile program
-    used to wait out before its first weight load; the guess overlaps the two. Inputs only:
-    a wrong guess costs one wasted load, never a wrong result. ``SPEC == 2`` guesses wrong on
-    purpose (tests: the reload path)."""
-    pid = tl.program_id(0)
-    guess = (pid + 1) % n_tiles if SPEC == 2 else pid
-    cols = guess * BN + tl.arange(0, BN)
-    cm = ll.both(cols < N, pid < n_tiles)
-    xg, wg, sg = _row_raw(x_ptr, w_ptr, swk, swn, s_ptr, lds, group, K, 0, cols, cm, INT4, BK)
-    return guess, xg, wg, sg
-
-
-@triton.jit
-def _gemv_row_guessed(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, n0, n_end, hit, xg, wg, sg,
-                      XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr):
-    """``_gemv_row`` starting from the guessed first tile when ``hit`` (the ticket matched the
-    guess, and this is row 0), else from a fresh load."""
-    cols = n0 + tl.arange(0, BN)
-    cm = cols < n_end
-    xn, wn, sn = xg, wg, sg
-    if hit == 0:
-        xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, 0, cols, cm, INT4,
-                              BK)
-    return _gemv_from(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm, xn, wn, sn,
-                      XDT, WDT, INT4, BN, BK)
-
-
-@triton.jit
 def _gemv_cols(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm,
                XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr):
@@ -207,21 +168,12 @@ def _gemv_cols(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm,
     activation row. Products accumulate elementwise in registers and are reduced once at
     the end; the next K tile is loaded before the current one is used, so two tiles are in
     flight per program."""
-    xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, 0, cols, cm, INT4, BK)
-    return _gemv_from(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm, xn, wn, sn,
-                      XDT, WDT, INT4, BN, BK)
-
-
-@triton.jit
-def _gemv_from(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, cols, cm, xn, wn, sn,
-               XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr):
-    """``_gemv_cols`` given its first K tile's raw loads ``xn, wn, sn`` (``_row_raw`` at k 0)."""
     if INT4:
         acc = tl.zeros([BK // 8, BN], tl.float32)
     else:
         acc = tl.zeros([BK, BN], tl.float32)
     k0 = tl.full([], 0, tl.int32)
+    xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0, cols, cm, INT4, BK)
     while k0 < K:
         xc, wc, sc = xn, wn, sn
         xn, wn, sn = _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0 + BK, cols, cm,
@@ -340,8 +292,9 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
             sc = _load_f32(s_ptr + (k8 // group).to(tl.int64)[:, None] * lds + cols[None, :],
                            m2, WDT)
             # nibble - 8 from a float's mantissa (2^23 + nibble, exact; as the row path):
-            # an OR and an add instead of an int -> float conversion, which runs at a quarter
-            # of the FP32 rate on Hopper; the same values, so the same bits
+            # an OR and an add instead of an int -> float conversion (quarter rate on
+            # Hopper); the same values, so the same bits. (Measured on 2x H200, session 6:
+            # fused INT4 M=8 13.27 vs 13.28 us: the dequantisation is not what bounds it.)
             nib = ((q[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF) | 0x4B000000
             wt = tl.reshape((nib.to(tl.float32, bitcast=True) - 8388616.0) * sc[:, None, :],
                             [BK, BN])
@@ -506,10 +459,6 @@ def linear_add_rms_norm_kernel(
     Outputs may alias the residual (the residual is read by the tile programs, which all
     finish before an epilogue program writes). Each row's epilogue is ``epi_parts``
     programs, one per ``epi_chunk`` columns (``epi_chunk <= EPI_BLOCK``)."""
-    ROW_GUESS: tl.constexpr = GUESS != 0 and not USE_DOT and TOPK == 0
-    if ROW_GUESS:
-        guess, xg, wg, sg = _guess_first_tile(x_ptr, w_ptr, swk, swn, s_ptr, lds, group, K, N,
-                                              n_tiles, INT4, BN, BK, GUESS)
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
@@ -544,14 +493,9 @@ def linear_add_rms_norm_kernel(
             m = tl.full([], 0, tl.int32)
             while m < M:
                 failed_raw = _failed_flag(aux, BACKEND)
-                if ROW_GUESS:
-                    acc = _gemv_row_guessed(x_ptr + m.to(tl.int64) * ldx, w_ptr, swk, swn, s_ptr,
-                                            lds, group, K, n0, N, (ticket == guess) & (m == 0),
-                                            xg, wg, sg, XDT, WDT, INT4, BN, BK)
-                else:
-                    acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0,
-                                       m, ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4,
-                                       BN, BK, TOPK, SLOTS)
+                acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK,
+                                   SLOTS)
                 _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
                              ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
                              res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,
@@ -644,10 +588,6 @@ def linear_qk_rms_norm_kernel(
       normalises its ``epi_chunk`` columns of ``[0, q_cols + k_cols)`` in place
       (``epi_chunk <= EPI_BLOCK``).
     """
-    ROW_GUESS: tl.constexpr = GUESS != 0 and not USE_DOT
-    if ROW_GUESS:
-        guess, xg, wg, sg = _guess_first_tile(x_ptr, w_ptr, swk, swn, s_ptr, lds, group, K, N,
-                                              n_tiles, INT4, BN, BK, GUESS)
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     ssp = ws.to(tl.pointer_type(tl.float32))  # [M, 2, n_tiles] q / k sums of squares
@@ -676,13 +616,8 @@ def linear_qk_rms_norm_kernel(
         else:
             m = tl.full([], 0, tl.int32)
             while m < M:
-                if ROW_GUESS:
-                    acc = _gemv_row_guessed(x_ptr + m.to(tl.int64) * ldx, w_ptr, swk, swn, s_ptr,
-                                            lds, group, K, n0, N, (ticket == guess) & (m == 0),
-                                            xg, wg, sg, XDT, WDT, INT4, BN, BK)
-                else:
-                    acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0,
-                                       m, x_ptr, x_ptr, 0, 0, 0, XDT, WDT, INT4, BN, BK, 0, 1)
+                acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
+                                   x_ptr, x_ptr, 0, 0, 0, XDT, WDT, INT4, BN, BK, 0, 1)
                 y = ll.from_f32(acc, XDT)
                 tl.store(qkv_ptr + m.to(tl.int64) * N + cols, y, mask=cols < N)
                 yf = y.to(tl.float32)

@@ -338,6 +338,34 @@ def _rank_moe(ctx, seed, cases):
     return digests
 
 
+def test_moe_partial_out(seed):
+    """moe_partial's ``out``: fp32, or x's dtype holding the fp32 partial rounded once; any
+    other dtype / size is refused before anything is written."""
+    from ccl.fused_linear import Int4Weights
+    from ccl.fused_moe import ExpertWeights, moe_partial, route_topk
+
+    m, e, h, inter, topk, dtype = 3, 8, 64, 32, 2, torch.bfloat16
+    w13 = gen(seed, ("po13",), (e, h, 2 * inter), torch.float32, scale=h ** -0.5)
+    w2 = gen(seed, ("po2",), (e, inter, h), torch.float32, scale=inter ** -0.5)
+    experts = ExpertWeights(Int4Weights.quantize(w13, 32, dtype),
+                            Int4Weights.quantize(w2, 32, dtype))
+    x = gen(seed, ("pox",), (m, h), dtype)
+    ids, tw = route_topk(gen(seed, ("pol",), (m, e), torch.float32), topk)
+    ref = moe_partial(x, ids, tw, experts)
+    assert ref.dtype == torch.float32 and ref.shape == (m, h)
+    out16 = poison_like(torch.empty(m, h, dtype=dtype))
+    assert moe_partial(x, ids, tw, experts, out=out16) is out16
+    assert torch.equal(out16, ref.to(dtype))
+    out32 = poison_like(torch.empty(m, h))
+    moe_partial(x, ids, tw, experts, out=out32)
+    assert torch.equal(out32, ref)
+    for bad in (torch.empty(m, h, dtype=torch.float16), torch.empty(m, h + 1)):
+        keep = poison_like(bad)
+        with pytest.raises(ValueError, match="out must be"):
+            moe_partial(x, ids, tw, experts, out=keep)
+        assert bool(keep.isnan().all()), "a refused out was written"
+
+
 def test_moe_host_2ranks(pools, seed):
     cases = [(True, 1, 8, 128, 64, 2), (True, 5, 16, 96, 96, 4), (False, 3, 8, 64, 32, 3)]
     per_rank = pools.get(2).run(_rank_moe, seed, cases, timeout=60)

@@ -494,8 +494,8 @@ def linear_add_rms_norm_kernel(
             while m < M:
                 failed_raw = _failed_flag(aux, BACKEND)
                 acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK, TOPK,
-                                   SLOTS)
+                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK,
+                                   TOPK, SLOTS)
                 _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
                              ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
                              res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,

@@ -151,8 +151,9 @@ def main(argv=None) -> int:
                          best_us=best * 1e6, bytes=bytes_down,
                          roofline_us=bytes_down / (args.hbm_tbps * 1e12) * 1e6))
         print(json.dumps(rows[-1]), flush=True)
-    res = dict(bench="gpu_moe", device=torch.cuda.get_device_name(dev) if dev.type == "cuda"
-               else "cpu (Triton interpreter, smoke run: times are not GPU times)", torch=torch.__version__,
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        "cpu (Triton interpreter, smoke run: times are not GPU times)"
+    res = dict(bench="gpu_moe", device=name, torch=torch.__version__,
                triton=__import__("triton").__version__, seed=seed,
                shape=dict(hidden=hdim, inter_per_rank=inter, experts=e, top_k=topk,
                           group_size=gs, tokens=1, world=args.world),

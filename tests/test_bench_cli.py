@@ -212,3 +212,25 @@ def test_wrong_results_are_counted_and_not_timed():
         dist.destroy_process_group()
     assert res["wrong"] > 0 and res["ccl"] is None and res["ratio_p50"] is None
     assert res["baseline"] is not None and res["baseline_verified"]
+
+
+def test_gpu_moe_bench_smoke_in_the_interpreter(tmp_path):
+    """bench/gpu_moe.py end to end on the Triton interpreter (--small): every tile variant is
+    checked against its fp32 reference and recorded; a variant the kernels cannot run fails
+    the script."""
+    pytest.importorskip("triton")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_moe.py"
+    out = tmp_path / "moe.json"
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--small", "--inner", "1", "--rounds", "1",
+         "--down", "default,4x64x2", "--json", str(out)],
+        capture_output=True, text=True, timeout=55, env=env,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["tiles"]) for r in rows] == [
+        ("gate_up", "default"), ("down", "default"), ("down", "4x64x2")]
+    assert all(r["ok"] for r in rows)

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -327,7 +328,7 @@ def test_ops_on_two_ranks(pools, seed, dtype_name):
         assert bits_equal(t, out1[name]), f"{name} differs across ranks"
     assert delta0 == delta1 == {"mailbox_all_reduce": 2, "fallback_all_reduce": 1, "fused": 2,
                                 "fused_fallback": 1, "rewired_pairs": 0, "fused_gemv": 2,
-                                "fused_gemv_fallback": 0, "gemv_pairs": 0}, delta0
+                                "fused_gemv_fallback": 0, "gemv_pairs": 0, "moe_pairs": 0}, delta0
 
 
 class _FakeDeviceCommunicator:
@@ -578,6 +579,86 @@ def test_fuse_model_rewires_every_pair_once(fake_vllm):
         assert isinstance(norm, _FakeRMSNorm)
     assert type(layers[0].input_layernorm) is _FakeRMSNorm
     assert _fusion.fuse_model(m, handle=7) == 0  # second call: "already fused", no change
+
+
+class _FakeMoeConfig:
+    def __init__(self):
+        self.skip_final_all_reduce = False
+        self.tp_size, self.dp_size, self.ep_size, self.pcp_size = 2, 1, 1, 1
+        self.is_sequence_parallel = False
+        self.moe_parallel_config = types.SimpleNamespace(use_all2all_kernels=False)
+
+
+class _FakeMoeRunner(nn.Module):  # vLLM's MoERunner: moe_config, _shared_experts
+    def __init__(self):
+        super().__init__()
+        self.moe_config = _FakeMoeConfig()
+        self._shared_experts = None
+        self._fused_output_is_reduced = False
+
+
+class _FakeMoeLayer(_FakeLayer):  # Mixtral: block_sparse_moe.experts instead of mlp
+    def __init__(self):
+        super().__init__()
+        del self.mlp
+        self.block_sparse_moe = nn.Module()
+        self.block_sparse_moe.experts = _FakeMoeRunner()
+
+
+@pytest.fixture
+def fake_moe_vllm(monkeypatch, fake_vllm):
+    monkeypatch.setattr(_fusion, "LAYER_FORWARDS", {_fusion._forward_name(_FakeMoeLayer())})
+
+
+def _moe_model(n=2):
+    m = _FakeForCausalLM(0)
+    m.model.layers = nn.ModuleList(_FakeMoeLayer() for _ in range(n))
+    m.model.end_layer = n
+    return m
+
+
+def test_moe_blocks_fuse_like_down_proj(fake_moe_vllm):
+    """A Mixtral-shaped model: each expert block's all-reduce moves into the next norm
+    through vLLM's own switch (moe_config.skip_final_all_reduce); o_proj as usual."""
+    m = _moe_model(2)
+    layers = m.model.layers
+    names = [(p.linear_name, p.norm_name) for p in _fusion._fused_layers(m)]
+    assert names[1] == ("model.layers.0.block_sparse_moe.experts",
+                        "model.layers.1.input_layernorm")
+    assert names[3] == ("model.layers.1.block_sparse_moe.experts", "model.norm")
+    before = (_ops._counts["rewired_pairs"], _ops._counts["moe_pairs"])
+    assert _fusion.fuse_model(m, handle=5, gemv=True) == 4
+    assert (_ops._counts["rewired_pairs"], _ops._counts["moe_pairs"]) == \
+        (before[0] + 4, before[1] + 2)
+    for layer in layers:
+        assert layer.block_sparse_moe.experts.moe_config.skip_final_all_reduce is True
+        assert layer.self_attn.o_proj.reduce_results is False
+    assert m.model.norm._ccl_handle == 5 and m.model.norm._ccl_gemv_weight is None
+    assert _fusion.fuse_model(m, handle=5) == 0  # second call: "already fused", no change
+
+
+@pytest.mark.parametrize("how", ["tp1", "ep", "all2all", "shared", "reduced", "seq"])
+def test_unfusable_moe_blocks_are_left_alone(fake_moe_vllm, how):
+    m = _moe_model(2)
+    runner = m.model.layers[1].block_sparse_moe.experts
+    cfg = runner.moe_config
+    if how == "tp1":
+        cfg.tp_size = 1
+    elif how == "ep":
+        cfg.ep_size = 2
+    elif how == "all2all":
+        cfg.moe_parallel_config.use_all2all_kernels = True
+    elif how == "shared":
+        runner._shared_experts = nn.Module()
+    elif how == "reduced":
+        runner._fused_output_is_reduced = True
+    else:
+        cfg.is_sequence_parallel = True
+    assert _fusion._fused_layers(m) == []
+    assert _fusion.fuse_model(m, handle=0) == 0
+    assert not any(layer.block_sparse_moe.experts.moe_config.skip_final_all_reduce
+                   for layer in m.model.layers)
+    assert all(layer.self_attn.o_proj.reduce_results for layer in m.model.layers)
 
 
 class UnquantizedLinearMethod:  # the name _fusion checks (vLLM's unquantized method)

@@ -55,13 +55,20 @@ PROMPTS = [
 ]
 
 
-def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0) -> None:
-    """Create a random 2-layer Llama (hidden 256, 4 heads x 64) and save it to out_dir."""
+def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0, arch: str = "llama") -> None:
+    """Create a random 2-layer Llama (hidden 256, 4 heads x 64) and save it to out_dir;
+    ``arch="mixtral"``: the same with a Mixtral MoE block (4 experts of 256, top-2) in place
+    of each MLP."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    config_cls, model_cls, extra = LlamaConfig, LlamaForCausalLM, {}
+    if arch == "mixtral":
+        config_cls, model_cls = MixtralConfig, MixtralForCausalLM
+        extra = dict(num_local_experts=4, num_experts_per_tok=2)
+    cfg = config_cls(
+        **extra,
         vocab_size=1024,
         hidden_size=256,
         intermediate_size=512,
@@ -77,7 +84,9 @@ def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0) -> None:
         pad_token_id=0,
         dtype=dtype,  # written into config.json
     )
-    model = LlamaForCausalLM(cfg)
+    if arch == "mixtral":
+        cfg.intermediate_size = 256
+    model = model_cls(cfg)
     # transformers' init is small (std 0.02): scale up so that greedy decoding is not the
     # same token everywhere.
     with torch.no_grad():
@@ -251,7 +260,7 @@ def run_once(args) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="tiny_llama_")
         model_dir = tmp.name
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        build_tiny_llama(model_dir, args.dtype)
+        build_tiny_llama(model_dir, args.dtype, arch=args.arch)
     t_built = time.perf_counter()
 
     from vllm import LLM, SamplingParams
@@ -381,7 +390,8 @@ def _remove_orphans(names: set, label: str) -> None:
 def _child(args, model_dir: str, out_json: str, env_extra: dict, label: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--plugin", "--model-dir", model_dir,
            "--json", out_json, "--dtype", args.dtype, "--tp", str(args.tp),
-           "--max-tokens", str(args.max_tokens), "--reps", str(args.reps)]
+           "--max-tokens", str(args.max_tokens), "--reps", str(args.reps),
+           "--arch", args.arch]
     if args.compile:
         cmd.append("--compile")
     env = dict(os.environ, **env_extra)
@@ -412,7 +422,7 @@ def compare(args) -> int:
         model_dir = args.model_dir or os.path.join(work, "model")
         if not os.path.exists(os.path.join(model_dir, "config.json")):
             os.makedirs(model_dir, exist_ok=True)
-            build_tiny_llama(model_dir, args.dtype)
+            build_tiny_llama(model_dir, args.dtype, arch=args.arch)
         stats_dir = os.path.join(work, "stats")
         common = {"VLLM_DISABLE_COMPILE_CACHE": "1"} if args.compile else {}
         off = _child(args, model_dir, os.path.join(work, "off.json"),
@@ -447,16 +457,19 @@ def compare(args) -> int:
         if s.get("communicator") != "CclCpuCommunicator":
             failures.append(f"rank {s.get('rank')}: communicator is {s.get('communicator')}")
         fused_any = c.get("fused", 0) + c.get("fused_gemv", 0)
+        # mixtral: every expert block's all-reduce moved into the next norm too
+        moe_ok = args.arch != "mixtral" or (c.get("moe_pairs", 0) > 0) == expect_fused
         if (c.get("mailbox_all_reduce", 0) <= 0 or (fused_any > 0) != expect_fused
                 or (c.get("fused_gemv", 0) > 0) != expect_gemv
-                or c.get("fused_gemv_fallback", 0) > 0):
+                or c.get("fused_gemv_fallback", 0) > 0 or not moe_ok):
             failures.append(f"rank {s.get('rank')}: ccl counters {c} (fusion expected: "
                             f"{expect_fused}, GEMV fusion expected: {expect_gemv})")
     if not on["ccl_stats"]:
         failures.append("no counters came back from the CCL_VLLM=1 workers")
     if len(stat_files) != args.tp or not all(g["ccl"] for d in stat_files for g in d["groups"]):
         failures.append(f"expected {args.tp} CCL_VLLM_STATS files with ccl on, got {stat_files}")
-    print(f"# vllm-e2e: dtype={args.dtype} tp={args.tp} compile={args.compile} "
+    print(f"# vllm-e2e: arch={args.arch} dtype={args.dtype} tp={args.tp} "
+          f"compile={args.compile} "
           f"batch={len(PROMPTS)} max_tokens={args.max_tokens} reps={args.reps}")
     print(f"# vllm-e2e: token ids identical: {off['token_ids'] == on['token_ids']} "
           f"({sum(map(len, on['token_ids']))} tokens)")
@@ -484,6 +497,9 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="model dtype (default: float32 with --compare, else bfloat16)")
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--arch", default="llama", choices=["llama", "mixtral"],
+                    help="tiny model: Llama, or Mixtral (MoE blocks: the plugin also moves "
+                         "each expert block's all-reduce into the next norm)")
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="tokens per prompt (default 32 with --compare, else 16)")
     ap.add_argument("--reps", type=int, default=None,

@@ -6,10 +6,16 @@ by exactly one RMSNorm in its residual form ``norm(x, residual) -> (normed, resi
     layers[i].self_attn.o_proj  ->  layers[i].post_attention_layernorm
     layers[i].mlp.down_proj     ->  layers[i+1].input_layernorm   (last layer: model.norm)
 
+and in a Mixtral-shaped MoE stack the expert block takes the MLP's place::
+
+    layers[i].block_sparse_moe.experts  ->  layers[i+1].input_layernorm   (or model.norm)
+
 :func:`fuse_model` sets ``reduce_results = False`` on each of those ``RowParallelLinear``\\ s
-(so they return their partial sum) and swaps the paired ``RMSNorm``'s class for a subclass
-whose ``forward(x, residual)`` calls ``ccl::all_reduce_add_rms_norm_``: one collective that
-all-reduces the partials and applies the residual add and the norm. That covers 2L of the
+and ``moe_config.skip_final_all_reduce = True`` on each fused-MoE runner (vLLM's own switch
+for a consumer that fuses the TP all-reduce), so they return their partial sum, and swaps the
+paired ``RMSNorm``'s class for a subclass whose ``forward(x, residual)`` calls
+``ccl::all_reduce_add_rms_norm_``: one collective that all-reduces the partials and applies
+the residual add and the norm. That covers 2L of the
 2L + 1 all-reduces of a forward step; the embedding's all-reduce (consumed by
 ``layers[0].input_layernorm`` without a residual, and also used as the first residual) stays
 a plain ``ccl::all_reduce_``. It works on the model instance after weight loading, copies no
@@ -17,8 +23,11 @@ vLLM forward code, and survives vLLM's CPU compile (Dynamo reads ``reduce_result
 traces the swapped ``forward``; the op is a registered torch op).
 
 Which models: those whose model and decoder-layer ``forward`` are in :data:`MODEL_FORWARDS`
-and :data:`LAYER_FORWARDS` (vLLM 0.32: Llama, Mistral, Qwen2, Qwen3 and everything vLLM maps
-onto them) — read from the source: they pass the row-parallel outputs straight to those norms.
+and :data:`LAYER_FORWARDS` (vLLM 0.32: Llama, Mistral, Qwen2, Qwen3, Mixtral and everything
+vLLM maps onto them) — read from the source: they pass the row-parallel / expert outputs
+straight to those norms. MoE blocks qualify when the runner would all-reduce its combined
+output itself at the end (tensor parallel only: no expert / data / sequence parallelism, no
+all2all kernels, no shared experts, no kernel that reduces in place).
 Anything else is left alone (the all-reduce routing still applies). Also left alone: LoRA,
 speculative decoding (EAGLE-3 reads un-normalised hidden states between layers), pipeline
 parallelism, ``GemmaRMSNorm`` and norms with ``var_hidden_size``.
@@ -51,19 +60,23 @@ MODEL_FORWARDS = {
     f"{_MODELS}.llama.LlamaModel.forward",
     f"{_MODELS}.mistral.MistralModel.forward",
     f"{_MODELS}.qwen2.Qwen2Model.forward",  # Qwen3Model inherits it
+    f"{_MODELS}.mixtral.MixtralModel.forward",
 }
 #: Decoder-layer ``forward``\\ s of the form: ``input_layernorm(h, residual)``; self_attn (ends
-#: in o_proj); ``post_attention_layernorm(h, residual)``; mlp (ends in down_proj).
+#: in o_proj); ``post_attention_layernorm(h, residual)``; mlp (ends in down_proj) or the
+#: expert block (``block_sparse_moe``: gate, then the fused-MoE runner ``experts``).
 LAYER_FORWARDS = {
     f"{_MODELS}.llama.LlamaDecoderLayer.forward",
     f"{_MODELS}.mistral.MistralDecoderLayer.forward",
     f"{_MODELS}.qwen2.Qwen2DecoderLayer.forward",
     f"{_MODELS}.qwen3.Qwen3DecoderLayer.forward",
+    f"{_MODELS}.mixtral.MixtralDecoderLayer.forward",
 }
 
 
 class FusedPair(NamedTuple):
-    """A row-parallel linear whose all-reduce moves into the RMSNorm that consumes it."""
+    """A row-parallel linear (or a fused-MoE runner) whose all-reduce moves into the RMSNorm
+    that consumes it."""
 
     linear: torch.nn.Module
     norm: torch.nn.Module
@@ -102,7 +115,11 @@ def _pairs(model) -> tuple[list[FusedPair], str | None]:
         if _forward_name(layer) not in LAYER_FORWARDS:
             return [], f"layer {i}: {_forward_name(layer)} is not a known Llama-shaped forward"
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-        down_proj = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if hasattr(layer, "block_sparse_moe"):
+            down_proj, down_name = layer.block_sparse_moe.experts, "block_sparse_moe.experts"
+        else:
+            down_proj, down_name = getattr(getattr(layer, "mlp", None), "down_proj", None), \
+                "mlp.down_proj"
         post_norm = getattr(layer, "post_attention_layernorm", None)
         if i + 1 < n:
             next_norm, next_name = getattr(layers[i + 1], "input_layernorm", None), \
@@ -111,17 +128,21 @@ def _pairs(model) -> tuple[list[FusedPair], str | None]:
             next_norm, next_name = final_norm, "model.norm"
         pairs.append(FusedPair(o_proj, post_norm, f"model.layers.{i}.self_attn.o_proj",
                                f"model.layers.{i}.post_attention_layernorm"))
-        pairs.append(FusedPair(down_proj, next_norm, f"model.layers.{i}.mlp.down_proj", next_name))
+        pairs.append(FusedPair(down_proj, next_norm, f"model.layers.{i}.{down_name}", next_name))
     seen: set[int] = set()
     for p in pairs:
         lin, norm = p.linear, p.norm
-        if not isinstance(lin, linear_cls):
+        if _is_moe(lin):
+            why = _moe_reason(lin)
+            if why is not None:
+                return [], f"{p.linear_name} {why}"
+        elif not isinstance(lin, linear_cls):
             return [], f"{p.linear_name} is {type(lin).__name__}, not {linear_cls.__name__}"
-        if not getattr(lin, "reduce_results", False):
+        elif not getattr(lin, "reduce_results", False):
             return [], f"{p.linear_name} does not all-reduce its output (already fused?)"
-        if getattr(lin, "skip_bias_add", False):
+        elif getattr(lin, "skip_bias_add", False):
             return [], f"{p.linear_name} leaves its bias to the caller (skip_bias_add)"
-        if getattr(lin, "tp_size", 1) <= 1:
+        elif getattr(lin, "tp_size", 1) <= 1:
             return [], f"{p.linear_name} is not tensor-parallel"
         if type(norm) is not norm_cls:
             return [], f"{p.norm_name} is {type(norm).__name__}, not {norm_cls.__name__}"
@@ -131,6 +152,32 @@ def _pairs(model) -> tuple[list[FusedPair], str | None]:
             return [], f"{p.norm_name} consumes two row-parallel outputs"
         seen.add(id(norm))
     return pairs, None
+
+
+def _is_moe(module) -> bool:
+    """A fused-MoE runner: carries vLLM's ``moe_config`` with the all-reduce switch."""
+    return hasattr(getattr(module, "moe_config", None), "skip_final_all_reduce")
+
+
+def _moe_reason(runner) -> str | None:
+    """Why a fused-MoE runner's final all-reduce cannot move into the next norm, or None."""
+    cfg = runner.moe_config
+    par = getattr(cfg, "moe_parallel_config", None)
+    if cfg.skip_final_all_reduce:
+        return "does not all-reduce its output (already fused?)"
+    if getattr(cfg, "tp_size", 1) <= 1:
+        return "is not tensor-parallel"
+    for what in ("dp_size", "ep_size", "pcp_size"):
+        if getattr(cfg, what, 1) != 1:
+            return f"runs with {what} = {getattr(cfg, what)} (reduced by a combine, not an " \
+                   "all-reduce)"
+    if getattr(cfg, "is_sequence_parallel", False) or getattr(par, "use_all2all_kernels", False):
+        return "is sequence-parallel / uses all2all kernels"
+    if getattr(runner, "_shared_experts", None) is not None:
+        return "has shared experts (reduced on their own)"
+    if getattr(runner, "_fused_output_is_reduced", False):
+        return "runs a kernel that reduces its output itself"
+    return None
 
 
 def _fused_layers(model) -> list[FusedPair]:
@@ -256,21 +303,27 @@ def fuse_model(model, handle: int, vllm_config=None, gemv: bool = False) -> int:
         return 0
     n_gemv = 0
     for p in pairs:
-        p.linear.reduce_results = False
+        if _is_moe(p.linear):
+            p.linear.moe_config.skip_final_all_reduce = True
+        else:
+            p.linear.reduce_results = False
         p.norm._ccl_handle = handle
-        p.norm._ccl_gemv_weight = _gemv_weight(p.linear) if gemv else None
+        p.norm._ccl_gemv_weight = _gemv_weight(p.linear) if gemv and not _is_moe(p.linear) \
+            else None
         if p.norm._ccl_gemv_weight is not None:
             p.linear.__class__ = _pass_through_cls(type(p.linear))
             n_gemv += 1
         p.norm.__class__ = _fused_norm_cls(type(p.norm))
     _ops._counts["rewired_pairs"] += len(pairs)
     _ops._counts["gemv_pairs"] += n_gemv
-    if gemv and n_gemv < len(pairs):
-        logger.warning("ccl_vllm: GEMV fusion for %d of %d pairs (the others: quantized, "
-                       "bias, or no kept weight)", n_gemv, len(pairs))
+    n_moe = sum(_is_moe(p.linear) for p in pairs)
+    _ops._counts["moe_pairs"] += n_moe
+    if gemv and n_gemv < len(pairs) - n_moe:  # (expert blocks have no single GEMV)
+        logger.warning("ccl_vllm: GEMV fusion for %d of %d linear pairs (the others: "
+                       "quantized, bias, or no kept weight)", n_gemv, len(pairs) - n_moe)
     logger.info(
         "ccl_vllm: fused all-reduce + add + RMSNorm for %d pairs of %s (o_proj -> "
-        "post_attention_layernorm, down_proj -> next input_layernorm / model.norm)",
-        len(pairs), type(model).__name__,
+        "post_attention_layernorm, down_proj or the expert block (%d) -> next "
+        "input_layernorm / model.norm)", len(pairs), type(model).__name__, n_moe,
     )
     return len(pairs)

@@ -59,6 +59,7 @@ _counts = {
     "fused_gemv": 0,  # ccl::linear_all_reduce_add_rms_norm carried by ccl (GEMV included)
     "fused_gemv_fallback": 0,  # ... run as F.linear + vLLM all-reduce + native add + RMSNorm
     "gemv_pairs": 0,  # pairs whose GEMV moved into the norm at model load
+    "moe_pairs": 0,  # of rewired_pairs: fused-MoE blocks whose all-reduce moved into the norm
 }
 
 

@@ -221,8 +221,9 @@ def _gemv_routed(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
     K step is one tile (``SLOTS`` = TOPK rounded up to a power of two, rows of absent slots
     masked), so a K step has all TOPK experts' bytes in flight and the dependent chain is
     K / BK steps long, not TOPK * K / BK (2x H200, MiniMax-M2 down projection: one slot at a
-    time took ~21 us per layer, each step waiting on one 4 KB tile). Ids outside [0, E) are
-    skipped: their rows read nothing and add 0 (the expert-parallel sentinel)."""
+    time took ~21 us per layer in session 5's decode profile, each step waiting on one 4 KB
+    tile; this 9.2 us, bench/results/h200-moe.json). Ids outside [0, E) are skipped: their
+    rows read nothing and add 0 (the expert-parallel sentinel)."""
     RS: tl.constexpr = BK // 8 if INT4 else BK  # tile rows per slot
     R: tl.constexpr = SLOTS * RS
     cols = n0 + tl.arange(0, BN)

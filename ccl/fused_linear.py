@@ -569,7 +569,7 @@ class GemvTiles:
 # 16-column tiles of 512 K values (more bytes in flight per step; 5.9 us with 256); M=8
 # bf16 8.0 us with 8 warps. ``up`` / ``down``: the MoE gate/up kernel and the routed down
 # projection (every slot's K step in one tile: BK K values per slot); their numbers are in
-# bench/results/h200x2-moe.json. The interpreter and other devices use the same.
+# bench/results/h200-moe*.json. The interpreter and other devices use the same.
 _TILES = {
     # session 6 (h200x2-fused-linear-s6-sweep1.json, -oproj.json): 8 columns, twice the
     # programs: fused M=1 bf16 7.75 vs 7.96 us, INT4 7.67 vs 8.51; at o_proj's K 3072 9.35

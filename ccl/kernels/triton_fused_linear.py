@@ -96,25 +96,12 @@ def _row_raw(x_row, w_ptr, swk, swn, s_ptr, lds, group, K, k0, cols, cm,
              INT4: tl.constexpr, BK: tl.constexpr):
     """Raw loads of one K tile of the row GEMV (no conversion, so a prefetched tile costs no
     wait until it is used): x ``[BK]`` (INT4: ``[BK/8, 8]``), W ``[BK, BN]`` (INT4: packed
-    words ``[BK/8, BN]`` and scales ``[BK/8, BN]``, one group per 8 K values)."""
-    if INT4:
-        i8 = tl.arange(0, BK // 8)
-        k8 = k0 + i8 * 8
-        km = k8 < K
-        m2 = km[:, None] & cm[None, :]
-        xr = tl.load(x_row + k8[:, None] + tl.arange(0, 8)[None, :], mask=km[:, None], other=0.0)
-        wr = tl.load(w_ptr + (k8 // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,
-                     mask=m2, other=0)
-        sr = tl.load(s_ptr + (k8 // group).to(tl.int64)[:, None] * lds + cols[None, :],
-                     mask=m2, other=0.0)
-    else:
-        ks = k0 + tl.arange(0, BK)
-        km = ks < K
-        xr = tl.load(x_row + ks, mask=km, other=0.0)
-        wr = tl.load(w_ptr + ks.to(tl.int64)[:, None] * swk + cols[None, :] * swn,
-                     mask=km[:, None] & cm[None, :], other=0.0)
-        sr = wr
-    return xr, wr, sr
+    words ``[BK/8, BN]`` and scales ``[BK/8, BN]``, one group per 8 K values). The one-slot
+    case of ``_slots_raw`` (every tile row from the same activation row and weights)."""
+    RS: tl.constexpr = BK // 8 if INT4 else BK
+    same = tl.zeros([RS], tl.int64)
+    return _slots_raw(x_row + same, w_ptr + same, s_ptr + same, True, swk, swn, lds, group, K,
+                      k0, cols, cm, INT4, BK, RS)
 
 
 @triton.jit

@@ -3,14 +3,15 @@
     python bench/gpu_compile_check.py [--target cuda:90|xpu] [--quick] [--json out.json]
 
 Compiles ``ccl/kernels/triton_mailbox.py`` for a target through ``triton.compile`` and prints
-one JSON line per variant. For CUDA targets it also compiles the fused-linear kernels
+one JSON line per variant. For CUDA and XPU targets it also compiles the fused-linear kernels
 (``ccl/kernels/triton_fused_linear.py``: ``linear_add_rms_norm_kernel`` and the GEMV-only
 ``linear_kernel``) through their real launchers in ``ccl/fused_linear.py`` with the
 arguments they get on a GPU (bf16 x, bf16 weight in nn.Linear and row-major layouts, INT4
 GPTQ group 32/128 with bf16 scales; M = 1 and 8; the block configs of
 ``bench/gpu_fused_linear.py``): CPU tensors stand in for device tensors and a stub Triton
 driver reports the target, so Triton's own argument specialisation (values equal to 1,
-16-byte alignment) is the one a GPU launch gets. ``--only fused`` / ``--only mailbox``. Catches what the interpreter accepts but a GPU compiler does not
+16-byte alignment) is the one a GPU launch gets. ``--only fused`` / ``--only mailbox``.
+Catches what the interpreter accepts but a GPU compiler does not
 (types, control flow, inline PTX, unsupported ops) before device time is spent. Exit status 1
 on any failure. ``--quick`` compiles one variant per kernel and algorithm (used by CI).
 
@@ -435,13 +436,17 @@ def run_fused(target, quick, backends, rows):
                 md = k.metadata
                 row = dict(name=name, ok=True, grid=list(grid), warps=md.num_warps,
                            shared=md.shared, seconds=round(time.time() - t0, 2))
-                row.update(_resource_usage(k.asm.get("cubin")))
-                ptx = k.asm.get("ptx", "")
-                row["ld_volatile"] = ptx.count("ld.volatile")
-                row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
-                # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
-                row["warp_max"] = ptx.count("redux.sync.max")
-                row["bar_sync"] = ptx.count("bar.sync")
+                if "spv" in k.asm:  # Intel's Triton
+                    row.update(_spirv_scan(k.asm["spv"]))
+                else:
+                    row.update(_resource_usage(k.asm.get("cubin")))
+                    ptx = k.asm.get("ptx", "")
+                    row["ld_volatile"] = ptx.count("ld.volatile")
+                    row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
+                    # ll.all_warps_max: spin-loop exits agreed across warps (a warp max
+                    # reduction)
+                    row["warp_max"] = ptx.count("redux.sync.max")
+                    row["bar_sync"] = ptx.count("bar.sync")
             except Exception as e:  # noqa: BLE001 - reported
                 failed += 1
                 row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
@@ -495,7 +500,7 @@ def main(argv=None) -> int:
             row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         rows.append(row)
         print(json.dumps(row))
-    if args.only != "mailbox" and target.backend == "cuda":
+    if args.only != "mailbox" and target.backend in ("cuda", "xpu"):
         failed += run_fused(target, args.quick, backends, rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -423,6 +423,23 @@ def _moe_variants(quick, backends, world):
     return out
 
 
+def _kernel_stats(k) -> dict:
+    """What a compiled kernel's binary says: the SPIR-V scan (Intel's Triton), or registers /
+    stack and the counts of volatile loads, strong stores and warp-agreed spin exits in the
+    PTX."""
+    if "spv" in k.asm:
+        return _spirv_scan(k.asm["spv"])
+    row = _resource_usage(k.asm.get("cubin"))
+    ptx = k.asm.get("ptx", "")
+    row["ld_volatile"] = ptx.count("ld.volatile")
+    row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
+    # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
+    row["warp_max"] = ptx.count("redux.sync.max")
+    row["bar_sync"] = ptx.count("bar.sync")
+    row["st_global_b64"] = ptx.count("st.global.b64") + ptx.count("st.global.v2.b64")
+    return row
+
+
 def run_fused(target, quick, backends, rows):
     from triton.runtime import driver
 
@@ -436,17 +453,7 @@ def run_fused(target, quick, backends, rows):
                 md = k.metadata
                 row = dict(name=name, ok=True, grid=list(grid), warps=md.num_warps,
                            shared=md.shared, seconds=round(time.time() - t0, 2))
-                if "spv" in k.asm:  # Intel's Triton
-                    row.update(_spirv_scan(k.asm["spv"]))
-                else:
-                    row.update(_resource_usage(k.asm.get("cubin")))
-                    ptx = k.asm.get("ptx", "")
-                    row["ld_volatile"] = ptx.count("ld.volatile")
-                    row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
-                    # ll.all_warps_max: spin-loop exits agreed across warps (a warp max
-                    # reduction)
-                    row["warp_max"] = ptx.count("redux.sync.max")
-                    row["bar_sync"] = ptx.count("bar.sync")
+                row.update(_kernel_stats(k))
             except Exception as e:  # noqa: BLE001 - reported
                 failed += 1
                 row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
@@ -484,17 +491,7 @@ def main(argv=None) -> int:
             )
             md = k.metadata
             row = dict(name=name, ok=True, shared=md.shared, seconds=round(time.time() - t0, 2))
-            if "spv" in k.asm:
-                row.update(_spirv_scan(k.asm["spv"]))
-            else:
-                row.update(_resource_usage(k.asm.get("cubin")))
-                ptx = k.asm.get("ptx", "")
-                row["ld_volatile"] = ptx.count("ld.volatile")
-                row["st_relaxed_sys"] = ptx.count("st.relaxed.sys")
-                # ll.all_warps_max: spin-loop exits agreed across warps (a warp max reduction)
-                row["warp_max"] = ptx.count("redux.sync.max")
-                row["bar_sync"] = ptx.count("bar.sync")
-                row["st_global_b64"] = ptx.count("st.global.b64") + ptx.count("st.global.v2.b64")
+            row.update(_kernel_stats(k))
         except Exception as e:  # noqa: BLE001 - reported
             failed += 1
             row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])

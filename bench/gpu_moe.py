@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 
-def _tiles(spec):
-    from ccl.fused_linear import GemvTiles
+def _tiles(spec, path):
+    """GemvTiles of an INT4 ``path`` ("up" / "down") variant ``BNxBKxWARPS``, parsed and
+    checked as ``CCL_GEMV_TILES`` entries are (None: the library default)."""
+    from ccl.fused_linear import _tile_overrides
 
-    if spec == "default":
-        return None
-    bn, bk, warps = (int(v) for v in spec.split("x"))
-    return GemvTiles(bn=bn, bk=bk, num_warps=warps)
+    return None if spec == "default" else _tile_overrides(f"{path}_int4={spec}")[(path, True)]
 
 
 def _time_graph(torch, calls, inner, rounds):
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
     bytes_up = topk * (hdim // 8 * 2 * inter * 4 + hdim // gs * 2 * inter * 2)
     bytes_down = topk * (inter // 8 * hdim * 4 + inter // gs * hdim * 2)
     for spec in args.up.split(","):
-        t = _tiles(spec)
+        t = _tiles(spec, "up")
         h = device_moe_gate_up(x, ids[0], None, quant=q13, tiles=t)
         err = float((h.float() - h_ref.float()).abs().max())
         ok = bool(torch.allclose(h.float(), h_ref.float(), rtol=2e-2, atol=2e-2))
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     for i in range(args.inner):  # every call's own intermediate
         device_moe_gate_up(x, ids[i], None, quant=q13, out=hs[i])
     for spec in args.down.split(","):
-        t = _tiles(spec)
+        t = _tiles(spec, "down")
         y = device_linear_partial(hs[0], None, quant=q2, topk_ids=ids[0], topk_weights=tws[0],
                                   tiles=t)
         err = float((y[0] - y_ref).abs().max())

@@ -440,6 +440,16 @@ def _kernel_stats(k) -> dict:
     return row
 
 
+def _error_chain(e: BaseException) -> str:
+    """The exception and its causes, innermost last, each shortened: a Triton compile error
+    wraps the real one (a NameError, a type error) in a chain of call-site snippets."""
+    parts = []
+    while e is not None and len(parts) < 8:
+        parts.append(f"{type(e).__name__}: {str(e)[-600:]}")
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)[-3000:]
+
+
 def run_fused(target, quick, backends, rows):
     from triton.runtime import driver
 
@@ -456,7 +466,7 @@ def run_fused(target, quick, backends, rows):
                 row.update(_kernel_stats(k))
             except Exception as e:  # noqa: BLE001 - reported
                 failed += 1
-                row = dict(name=name, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                row = dict(name=name, ok=False, error=_error_chain(e))
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -66,7 +66,13 @@ T0 = time.time()
 # (ccl.fused_linear.epilogue_split; "default" takes CCL_FUSED_EPILOGUE_SPLIT or the library's
 # choice), for sweeping it: --variants default,split1,split2,split4,split8.
 BLOCKS = ("default", "warps8", "bn_half")
-DRY_BLOCKS = ("default", "bn_half", "split1", "split3")
+DRY_BLOCKS = ("default", "bn_half", "split1", "split3", "counter")
+
+
+def variant_handoff(variant):
+    """``counter``: the default tiles with the counter handoff (ccl.fused_linear
+    CCL_FUSED_HANDOFF), for the A/B against the direct one; else None (the library's)."""
+    return "counter" if variant == "counter" else None
 
 
 def variant_split(variant):
@@ -81,7 +87,7 @@ def variant_tiles(variant, m, int4):
     from ccl.fused_linear import gemv_tiles
 
     t = gemv_tiles(m, int4)
-    if variant == "default" or variant_split(variant) is not None:
+    if variant == "default" or variant_split(variant) is not None or variant_handoff(variant):
         return None
     if variant == "warps8":
         return dataclasses.replace(t, num_warps=8)
@@ -129,7 +135,8 @@ class GpuOps:
             device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out,
                                        residual_out=res_out,
                                        tiles=variant_tiles(blocks, x.shape[0], q is not None),
-                                       epi_split=variant_split(blocks))
+                                       epi_split=variant_split(blocks),
+                                       handoff=variant_handoff(blocks))
 
     def gemv(self, x, w, q, out, blocks, launch=None):
         from ccl.fused_linear import device_linear_partial
@@ -161,7 +168,8 @@ class MailboxOps(GpuOps):
 
         device_linear_add_rms_norm(self.dm, x, w, q, res, nw, EPS, out=out, residual_out=res_out,
                                    tiles=variant_tiles(blocks, x.shape[0], q is not None),
-                                   epi_split=variant_split(blocks))
+                                   epi_split=variant_split(blocks),
+                                   handoff=variant_handoff(blocks))
 
     def all_reduce(self, t, out):
         self.dm.all_reduce(t, out)

@@ -157,8 +157,10 @@ def _describe(h) -> str:
         s += f", cols={h[2]}"
     if op in (_OP_ADD_RMS_NORM, _OP_QK_RMS_NORM):
         s += f", eps={eps:g}"
-    if flags & _FLAG_TWO_SHOT:
+    if flags & _FLAG_TWO_SHOT and op < 5:
         s += ", two_shot"
+    if flags & 0x08 and op in (5, 6):  # triton_fused_linear.FLAG_DIRECT
+        s += ", direct handoff"
     if split > 1:
         s += f", {split} programs per row"
     return s + ")"
@@ -224,8 +226,6 @@ class DeviceMailbox:
         self._table = torch.tensor([int(b) for b in bases], dtype=torch.int64, device=self.device)
         self._ctrl = torch.zeros(K.CTRL_WORDS, dtype=torch.int64, device=self.device)
         self._dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
-        # Row scratch of the split fused norm (2 words per program; zero between launches).
-        self._rows = torch.zeros(2 * _MAX_SPLIT_PROGRAMS, dtype=torch.int64, device=self.device)
         self._hop1 = self.layout.hop1_offset // 8
         self._hop2 = self.layout.hop2_offset // 8
         env_spin = os.environ.get("CCL_SPIN_NS")
@@ -486,6 +486,8 @@ class DeviceMailbox:
             | (_FLAG_TWO_SHOT if two else 0)
         )
         split = self._norm_split(rows, wpr)
+        if n_words + 2 * rows * split > self.layout.cap_words:  # the parts' words follow the rows
+            split = 1
         flags |= (split.bit_length() - 1) << _SPLIT_SHIFT
         h = self._header(_OP_ADD_RMS_NORM, code, flags, rows * cols, cols, eps)
         chunk = _cdiv(wpr, split)
@@ -503,7 +505,6 @@ class DeviceMailbox:
             weight,
             out,
             residual_out if residual_out is not None else out,
-            self._rows,
             cols,
             wpr,
             chunk,

@@ -698,6 +698,41 @@ def _env_epilogue_split() -> int:
     return v
 
 
+# How the fused linear kernel hands the all-reduced rows to its epilogue. "direct": the tiles
+# publish their partials (to the peers and to our own slot) and leave; each epilogue program
+# polls every source's packets of its columns itself, and a row's parts exchange their sums
+# of squares (one LL word each). "counter": each tile all-reduces its own columns, leaves the
+# sums in a scratch and counts the row done; the epilogue polls the counter (sessions 3-6).
+# CCL_FUSED_HANDOFF picks one (read once; default direct).
+_HANDOFF_ENV = "CCL_FUSED_HANDOFF"
+_DIRECT_PART_COLS = 1024  # direct: one epilogue program per this many columns (power of 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _env_handoff() -> str:
+    raw = os.environ.get(_HANDOFF_ENV, "direct").strip().lower() or "direct"
+    if raw not in ("direct", "counter"):
+        raise ConfigError(f"{_HANDOFF_ENV}={raw!r}: expected 'direct' or 'counter'")
+    return raw
+
+
+def direct_split(cols: int, interpreted: bool, split: int | None = None) -> int:
+    """Epilogue programs per row of the direct handoff: a power of two (the parts' words are
+    one block), ``split`` (None: CCL_FUSED_EPILOGUE_SPLIT, 0: one per 1024 columns) rounded
+    up; always 1 under the Triton interpreter, which runs programs one after another (a part
+    would wait on a sibling that has not run yet)."""
+    if interpreted:
+        return 1
+    if split is None:
+        split = _env_epilogue_split()
+    if split <= 0:
+        split = -(-cols // _DIRECT_PART_COLS)
+    split = _next_pow2(split)
+    while split > 1 and epilogue_split(cols, split)[0] != split:  # 16-column chunks
+        split //= 2
+    return split
+
+
 def epilogue_split(cols: int, split: int | None = None) -> tuple[int, int, int]:
     """(parts, chunk, block): the epilogue of a row of ``cols`` columns runs as ``parts``
     programs of ``chunk`` columns (a multiple of 16, so every chunk starts aligned; the last
@@ -778,13 +813,15 @@ def device_moe_gate_up(x, topk_ids, w13, *, quant=None, out=None, tiles=None, la
 
 def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps, *,
                                gemma=False, out, residual_out, tiles=None, topk_ids=None,
-                               topk_weights=None, epi_split=None):
+                               topk_weights=None, epi_split=None, handoff=None):
     """The device kernel on a :class:`ccl.device_mailbox.DeviceMailbox` (also the Triton
     interpreter's "cpu" mailbox). ``x`` ``[M, K]`` with unit stride in K (MoE: ``[M*k, K]``
     with ``topk_ids`` / ``topk_weights`` ``[M, k]`` and stacked weights); outputs / residual
-    contiguous ``[M, N]``; ``epi_split``: epilogue programs per row (:func:`epilogue_split`).
-    Collective, asynchronous (``dm.raise_if_failed()``)."""
+    contiguous ``[M, N]``; ``epi_split``: epilogue programs per row (:func:`epilogue_split`;
+    with the direct handoff, :func:`direct_split`); ``handoff``: "direct" / "counter" (None:
+    CCL_FUSED_HANDOFF). Collective, asynchronous (``dm.raise_if_failed()``)."""
     from ccl.kernels import triton_fused_linear as F
+    from ccl.kernels.ll import backend_for as ll_backend_for
 
     state = _DEVICE_STATES.get(dm)
     if state is None:
@@ -803,11 +840,19 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         raise ValueError(f"rows of {n} elements exceed the fused epilogue's {_MAX_ROW}")
     flags = ((F.FLAG_RESIDUAL if residual is not None else 0) | (F.FLAG_GEMMA if gemma else 0)
              | (F.FLAG_INT4 if quant is not None else 0) | (F.FLAG_MOE if topk else 0))
+    direct = (handoff or _env_handoff()) == "direct"
+    flags |= F.FLAG_DIRECT if direct else 0
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
     t = tiles or gemv_tiles(m, quant is not None, moe="down" if topk else None)
     n_tiles = (n + t.bn - 1) // t.bn
-    parts, chunk, block = epilogue_split(n, epi_split)
+    if direct:
+        interpreted = dm.backend == ll_backend_for("cpu")
+        parts, chunk, block = epilogue_split(n, direct_split(n, interpreted, epi_split))
+        if m * n + 2 * m * parts > dm.layout.cap_words:  # the parts' words follow the rows
+            parts, chunk, block = epilogue_split(n, 1)
+    else:
+        parts, chunk, block = epilogue_split(n, epi_split)
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
     # nothing, so benches can compile every variant before any rank waits on a peer.
     dm._launch(
@@ -826,6 +871,7 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         BLOCK_TILES=max(2, _next_pow2(n_tiles)), EPI_BLOCK=block,
         WORLD=dm.world_size, HAS_RES=residual is not None,
         HAS_RES_OUT=residual_out is not None, GEMMA=bool(gemma), BACKEND=dm.backend,
+        DIRECT=direct, SPANS=direct and block >= 32 * t.num_warps, EPI_PARTS=parts,
         num_warps=t.num_warps,
     )
     return out, residual_out

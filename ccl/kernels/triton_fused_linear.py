@@ -69,6 +69,7 @@ from ccl.kernels.triton_mailbox import (
     _load_seq,
     _ptr,
     _record_hop1_failure,
+    _row_sum_of_squares,
     _exchange,
     _scrub,
     _wait_peer,
@@ -89,6 +90,7 @@ AUX_WORDS = 16 + MAX_ROWS
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
 OP_LINEAR_QK_RMS_NORM = 7  # (6: the MoE variant of 5, host side)
 FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4, FLAG_MOE = 0x01, 0x02, 0x10, 0x20
+FLAG_DIRECT = 0x08  # the direct handoff: ranks on different handoffs would add the residual twice or never
 
 
 @triton.jit
@@ -389,6 +391,96 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
 
 
 @triton.jit
+def _tile_publish(acc, rows, cols, M, N, flag, table, ctrl, rank, phase, hop1_off, slot_words,
+                  res_ptr, XDT: tl.constexpr, HAS_RES: tl.constexpr, WORLD: tl.constexpr,
+                  BACKEND: tl.constexpr):
+    """Direct handoff, tile side: publish this rank's fp32 partial tile (``acc [R, C]`` at
+    ``rows x cols``) as LL8 packets into our slot of every rank's hop-1 region, our own
+    included (that slot is otherwise unused: one-shot skips its own source), and return --
+    no wait. The epilogue programs poll those packets directly. The residual rides with the
+    last rank's partial, so every rank sums ``p_0 + ... + (p_{W-1} + residual)`` in rank
+    order: the same bits everywhere, and the residual is read only here, before the packets
+    the epilogue waits on (so outputs may alias it)."""
+    words = rows[:, None] * N + cols[None, :]
+    wmask = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_RES:
+        last = rank == WORLD - 1
+        res = _load_f32(res_ptr + words, ll.both(wmask, last), XDT)
+        acc = tl.where(last, acc + res, acc)
+    packed = ll.pack(acc.to(tl.int32, bitcast=True), flag)
+    mine1 = hop1_off + (phase * WORLD + rank) * slot_words + PAYLOAD_OFFSET
+    for i in tl.static_range(WORLD):
+        dst = _ptr(table, (rank + i) % WORLD)
+        ll.store(dst + mine1 + words, packed, wmask, BACKEND)
+    ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
+
+
+@triton.jit
+def _epilogue_direct(row, part, c0, chunk, M, N, eps, flag, seq, table, ctrl, aux, rank, phase,
+                     my_hdr, hop1_off, slot_words, limit, nw_ptr, out_ptr, res_out_ptr,
+                     XDT: tl.constexpr, WORLD: tl.constexpr, EPI_BLOCK: tl.constexpr,
+                     PARTS: tl.constexpr, GEMMA: tl.constexpr, HAS_RES_OUT: tl.constexpr,
+                     SPANS: tl.constexpr, BACKEND: tl.constexpr):
+    """Direct handoff, epilogue side: part ``part`` of row ``row`` polls every source's
+    packets of its columns ``[c0, c0 + chunk)`` itself -- our own tiles' first (they land
+    earliest), then the peers' in rank order -- and sums them in rank order. With ``PARTS >
+    1`` the parts' sums of squares meet in LL words after the row's packets in our own slot
+    (``_row_sum_of_squares``: that slot's words carry the call's flag, and ``_scrub(OWN)``
+    refreshes the rest every 2^31 calls, so nothing needs clearing); with one part the
+    program has the whole row. No counter, no scratch pass, no release/acquire between the
+    last packet's arrival and the stores."""
+    c = c0 + tl.arange(0, EPI_BLOCK)
+    cm = (c < c0 + chunk) & (c < N)
+    hl = tl.arange(0, HEADER_WORDS)
+    one = tl.full([], 1, tl.int64)
+    failed = ll.all_warps_max(_failed_flag(aux, BACKEND))
+    me = _ptr(table, rank)
+    words = row * N + c
+    own_slot = me + hop1_off + (phase * WORLD + rank) * slot_words
+    lim = tl.where(failed != 0, 0, limit)
+    got, _, st = _wait_peer(own_slot + PAYLOAD_OFFSET + words, cm, own_slot, hl < 0, my_hdr,
+                            flag, lim, ctrl, BACKEND, SPANS)
+    if (st != 0) & (failed == 0):  # our own tiles never published: record, never hang
+        tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+        tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+        tl.atomic_or(ctrl + CTRL_MISSING, one << rank)
+        tl.atomic_or(aux + AUX_FAILED, one)
+    failed = failed | (st != 0).to(tl.int32)
+    own = ll.bits_to_f32(ll.data_of(got), 0)
+    total = tl.zeros([EPI_BLOCK], tl.float32)
+    for src in tl.static_range(WORLD):
+        is_me = rank == src
+        slot = me + hop1_off + (phase * WORLD + src) * slot_words
+        lim = tl.where(failed != 0, 0, limit)
+        got, theirs, st = _wait_peer(
+            slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), slot,
+            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, ctrl, BACKEND, SPANS,
+        )
+        if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
+            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
+            tl.atomic_or(aux + AUX_FAILED, one)
+        failed = failed | (st != 0).to(tl.int32)
+        v = tl.where(is_me, own, ll.bits_to_f32(ll.data_of(got), 0))
+        if src == 0:
+            total = v
+        else:
+            total = total + v
+    # the norm weight is loaded here, not before the polls: it would hold registers across
+    # them in every program of the launch (tiles included), and its latency hides behind the
+    # siblings' exchange or the sum of squares
+    wn = _load_f32(nw_ptr + c, cm, XDT)
+    ss = tl.sum(tl.where(cm, total * total, 0.0), 0)
+    if PARTS > 1:
+        ss, failed = _row_sum_of_squares(own_slot + PAYLOAD_OFFSET + M * N, row, part, ss,
+                                         failed, seq, ctrl, limit, PARTS, BACKEND)
+    if GEMMA:
+        wn = wn + 1.0
+    inv = tl.math.rsqrt(ss / N + eps)
+    _epi_store(total, inv, wn, out_ptr, res_out_ptr, row.to(tl.int64) * N, c, cm, failed == 0,
+               XDT, HAS_RES_OUT)
+
+
+@triton.jit
 def _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND: tl.constexpr):
     """Epilogue side of a row counter: waits until ``n_tiles`` tile programs counted row
     ``row`` (``aux[AUX_ROWS + row]``), then one acquire orders the reads of what they wrote.
@@ -437,7 +529,8 @@ def linear_add_rms_norm_kernel(
     NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr, WORLD: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
-    BACKEND: tl.constexpr,
+    BACKEND: tl.constexpr, DIRECT: tl.constexpr = False, SPANS: tl.constexpr = False,
+    EPI_PARTS: tl.constexpr = 1,
 ):
     """``out, res_out = add_rms_norm(sum_r partial_r (+ residual))`` where this rank's partial
     is ``x [M, K] @ W [K, N]`` (``TOPK == 0``; x row stride ``ldx``; W strides ``swk``,
@@ -446,7 +539,12 @@ def linear_add_rms_norm_kernel(
     ``sse``). Residual / outputs ``[M, N]`` contiguous, norm weight ``[N]``, M <= MAX_ROWS.
     Outputs may alias the residual (the residual is read by the tile programs, which all
     finish before an epilogue program writes). Each row's epilogue is ``epi_parts``
-    programs, one per ``epi_chunk`` columns (``epi_chunk <= EPI_BLOCK``)."""
+    programs, one per ``epi_chunk`` columns (``epi_chunk <= EPI_BLOCK``).
+
+    ``DIRECT``: the direct handoff (``_tile_publish`` / ``_epilogue_direct``): tiles publish
+    and leave, each epilogue program polls its whole row (``EPI_BLOCK >= N``) itself; else
+    the tiles all-reduce their own columns and hand the sums over through the scratch and
+    the row counters. ``SPANS``: ``EPI_BLOCK >= 32 * num_warps`` (one-reduction polls)."""
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
@@ -469,25 +567,40 @@ def linear_add_rms_norm_kernel(
         if USE_DOT:
             m0 = tl.full([], 0, tl.int32)
             while m0 < M:
-                failed_raw = _failed_flag(aux, BACKEND)
-                acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
-                                XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
-                _tile_reduce(acc, m0 + tl.arange(0, BM), cols, M, N, flag, seq, table, ctrl,
-                             aux, rank, phase, my_hdr, hop1_off, slot_words, limit, res_ptr,
-                             sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES, WORLD,
-                             BACKEND)
+                if DIRECT:
+                    acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0,
+                                    m0, XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
+                    _tile_publish(acc, m0 + tl.arange(0, BM), cols, M, N, flag, table, ctrl,
+                                  rank, phase, hop1_off, slot_words, res_ptr, XDT, HAS_RES,
+                                  WORLD, BACKEND)
+                else:
+                    failed_raw = _failed_flag(aux, BACKEND)
+                    acc = _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0,
+                                    m0, XDT, WDT, INT4, BM, BN, BK, NATIVE, STAGES)
+                    _tile_reduce(acc, m0 + tl.arange(0, BM), cols, M, N, flag, seq, table, ctrl,
+                                 aux, rank, phase, my_hdr, hop1_off, slot_words, limit, res_ptr,
+                                 sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES, WORLD,
+                                 BACKEND)
                 m0 += BM
         else:
             m = tl.full([], 0, tl.int32)
             while m < M:
-                failed_raw = _failed_flag(aux, BACKEND)
-                acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0, m,
-                                   ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4, BN, BK,
-                                   TOPK, SLOTS)
-                _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
-                             ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
-                             res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,
-                             WORLD, BACKEND)
+                if DIRECT:
+                    acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0,
+                                       m, ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4,
+                                       BN, BK, TOPK, SLOTS)
+                    _tile_publish(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, table,
+                                  ctrl, rank, phase, hop1_off, slot_words, res_ptr, XDT,
+                                  HAS_RES, WORLD, BACKEND)
+                else:
+                    failed_raw = _failed_flag(aux, BACKEND)
+                    acc = _partial_row(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, K, N, n0,
+                                       m, ids_ptr, tw_ptr, swe, sse, n_experts, XDT, WDT, INT4,
+                                       BN, BK, TOPK, SLOTS)
+                    _tile_reduce(acc[None, :], m + tl.arange(0, 1), cols, M, N, flag, seq, table,
+                                 ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
+                                 res_ptr, sums, ssp, ticket, n_tiles, failed_raw, XDT, HAS_RES,
+                                 WORLD, BACKEND)
                 m += 1
     else:
         # -------------------------------------------- epilogue: RMSNorm of one row chunk
@@ -500,28 +613,37 @@ def linear_add_rms_norm_kernel(
         e = ticket - n_tiles
         row = e // epi_parts
         c0 = (e - row * epi_parts) * epi_chunk
-        c = c0 + tl.arange(0, EPI_BLOCK)
-        cm = (c < c0 + epi_chunk) & (c < N)
-        # the norm weight does not depend on the tiles: loaded before the spin
-        wn = _load_f32(nw_ptr + c, cm, XDT)
-        if GEMMA:
-            wn = wn + 1.0
-        yes = tl.full([], 1, tl.int1)
-        tiles_ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND)
-        # Everything the tiles left, read at once after the acquire (no load waits for
-        # another's value or for a reduction first).
-        failed = ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)
-        t = tl.arange(0, BLOCK_TILES)
-        ssv = tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0)
-        base = row.to(tl.int64) * N
-        acc = tl.load(sums + base + c, mask=cm, other=0.0)
-        ok = tiles_ok & (ll.all_warps_max(failed) == 0)
-        inv = tl.math.rsqrt(tl.sum(ssv, 0) / N + eps)
-        _epi_store(acc, inv, wn, out_ptr, res_out_ptr, base, c, cm, ok, XDT, HAS_RES_OUT)
+        if DIRECT:
+            _epilogue_direct(row, e - row * epi_parts, c0, epi_chunk, M, N, eps, flag, seq,
+                             table, ctrl, aux, rank, phase, my_hdr, hop1_off, slot_words, limit,
+                             nw_ptr, out_ptr, res_out_ptr, XDT, WORLD, EPI_BLOCK, EPI_PARTS,
+                             GEMMA, HAS_RES_OUT, SPANS, BACKEND)
+        else:
+            c = c0 + tl.arange(0, EPI_BLOCK)
+            cm = (c < c0 + epi_chunk) & (c < N)
+            # the norm weight does not depend on the tiles: loaded before the spin
+            wn = _load_f32(nw_ptr + c, cm, XDT)
+            if GEMMA:
+                wn = wn + 1.0
+            yes = tl.full([], 1, tl.int1)
+            tiles_ok = _wait_row_tiles(aux, row, n_tiles, limit, ctrl, rank, seq, BACKEND)
+            # Everything the tiles left, read at once after the acquire (no load waits for
+            # another's value or for a reduction first).
+            failed = ll.load(aux + AUX_FAILED, yes, BACKEND).to(tl.int32)
+            t = tl.arange(0, BLOCK_TILES)
+            ssv = tl.load(ssp + row * n_tiles + t, mask=t < n_tiles, other=0.0)
+            base = row.to(tl.int64) * N
+            acc = tl.load(sums + base + c, mask=cm, other=0.0)
+            ok = tiles_ok & (ll.all_warps_max(failed) == 0)
+            inv = tl.math.rsqrt(tl.sum(ssv, 0) / N + eps)
+            _epi_store(acc, inv, wn, out_ptr, res_out_ptr, base, c, cm, ok, XDT, HAS_RES_OUT)
 
     n_words = M * N
+    # (direct handoff: our partial's rows in our own slot, then the parts' sum-of-squares
+    # words when a row has several)
+    own_used = n_words + M * (2 * EPI_PARTS) if EPI_PARTS > 1 else n_words
     _scrub(table, rank, seq, n_words, 0, hop1_off, slot_words, hop2_off, hop2_words,
-           1, WORLD, False, BACKEND)
+           1, WORLD, False, BACKEND, OWN=DIRECT, own_used=own_used)
     _finish(ctrl, aux, seq, M)
 
 

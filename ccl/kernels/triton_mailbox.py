@@ -367,10 +367,15 @@ def _scrub(
     WORLD: tl.constexpr,
     TWO_SHOT: tl.constexpr,
     BACKEND: tl.constexpr,
+    OWN: tl.constexpr = False,
+    own_used=0,
 ):
     """Every 2^31 calls (both phases), rewrite the unused tails of our slots in every peer
     with the current flag, so no word keeps a flag older than 2^31 calls and a 32-bit flag
-    never matches stale data after the sequence number wraps (csrc/host/mailbox.cpp)."""
+    never matches stale data after the sequence number wraps (csrc/host/mailbox.cpp).
+    ``OWN``: also our own slot in our own region (unused by the exchange itself: the fused
+    norm's and the fused linear's sibling words, the fused linear's own partial), whose
+    first ``own_used`` payload words the caller wrote this call."""
     if (seq & SCRUB_MASK) < 2:
         flag = seq & ll.LOW32
         phase = seq & 1
@@ -378,7 +383,7 @@ def _scrub(
         step = tl.num_programs(0) * SCRUB_BLOCK
         offs = tl.arange(0, SCRUB_BLOCK)
         fill = ll.pack(offs * 0, flag)
-        for i in tl.static_range(1, WORLD):
+        for i in tl.static_range(0 if OWN else 1, WORLD):
             p = (rank + i) % WORLD
             peer = _ptr(table, p)
             s1 = peer + hop1_off + (phase * WORLD + rank) * slot_words
@@ -389,6 +394,8 @@ def _scrub(
             else:
                 used1 = n_words
                 used2 = 0
+            if OWN:
+                used1 = tl.where(p == rank, own_used, used1)
             # (while loops: the interpreter's range() takes no tensor bounds)
             t = PAYLOAD_OFFSET + used1 + pid * SCRUB_BLOCK
             while t < slot_words:
@@ -538,16 +545,19 @@ def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
                         SPLIT: tl.constexpr, BACKEND: tl.constexpr):
     """Sum of squares of a whole row whose ``SPLIT`` parts are held by ``SPLIT`` programs of
     this launch (``part`` is ours, ``ss`` its partial). Each program publishes two LL8 words
-    in this rank's ``rows`` scratch (words ``[row][part][2]``: the partial, then whether its
-    exchange failed), each with bit 31 of the data set as a "written" mark, then waits for all
-    of the row's words and adds the partials in part order -- the same order on every rank and
-    in every program, so the result is bitwise identical everywhere. The last program of the
-    launch zeroes the words afterwards (``_clear_rows``), so a word never survives from an
-    earlier call and the 32-bit flag cannot alias after wraparound. Returns (ss, failed).
+    at ``rows_ptr`` (words ``[row][part][2]``: the partial, then whether its exchange failed),
+    each with bit 31 of the data set as a "written" mark, then waits for all of the row's words
+    and adds the partials in part order -- the same order on every rank and in every program,
+    so the result is bitwise identical everywhere. ``rows_ptr`` lies in our own hop-1 slot
+    after the payload (a slot no peer writes): the words carry the call's flag and
+    ``_scrub(OWN=True)`` refreshes the slot's unused tail every 2^31 calls, so nothing needs
+    clearing between calls and a 32-bit flag cannot alias after wraparound. Returns (ss,
+    failed).
 
-    GPU only: programs wait on programs of the same launch, so the launch must be co-resident
-    (the host keeps ``rows * SPLIT`` far below the SM count) and the Triton interpreter, which
-    runs programs one after another, always gets ``SPLIT == 1``."""
+    GPU only: programs wait on programs of the same launch, which must therefore all get to
+    run (a launch of at most _MAX_SPLIT_PROGRAMS programs, far below the SM count; the fused
+    linear's tickets order a row's parts). The Triton interpreter, which runs programs one
+    after another, always gets ``SPLIT == 1``."""
     flag = seq & ll.LOW32
     mark = tl.full([], 0x80000000, tl.int64)
     two = tl.arange(0, 2)
@@ -576,17 +586,6 @@ def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
     return total, (bad != 0).to(tl.int32)
 
 
-@triton.jit
-def _clear_rows(rows_ptr, n, BACKEND: tl.constexpr):
-    """Zeroes ``n`` words of the row scratch (the last program of a launch, when every
-    program has read it)."""
-    off = tl.arange(0, 256)
-    t = 0
-    while t < n:
-        ll.store(rows_ptr + t + off, off.to(tl.int64) * 0, t + off < n, BACKEND)
-        t += 256
-
-
 @triton.jit(do_not_specialize=("cols", "wpr", "chunk", "eps", "shard_words") + _COMMON)
 def add_rms_norm_kernel(
     x_ptr,
@@ -594,7 +593,6 @@ def add_rms_norm_kernel(
     weight_ptr,
     out_ptr,
     res_out_ptr,
-    rows_ptr,
     cols,
     wpr,
     chunk,
@@ -632,8 +630,8 @@ def add_rms_norm_kernel(
     residual), res_out = r, out = r * rsqrt(mean(r^2) + eps) * (weight (+1 for GEMMA)); fp32
     math, no intermediate rounding. Outputs may alias x / residual (a program reads its part of
     a row before it writes it). ``SPLIT == 1``: one program per row, no intra-launch waits
-    (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in ``rows_ptr``
-    (``_row_sum_of_squares``)."""
+    (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in LL words after
+    the rows in our own slot (``_row_sum_of_squares``)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     seq = _load_seq(ctrl, BACKEND)
@@ -696,8 +694,10 @@ def add_rms_norm_kernel(
     if DTYPE != 0:
         ss = ss + tl.sum(tl.where(m_hi, acc_hi * acc_hi, 0.0), 0)
     if SPLIT > 1:
+        own_slot = _ptr(table, rank) + hop1_off + ((seq & 1) * WORLD + rank) * slot_words
         ss, failed = _row_sum_of_squares(
-            rows_ptr, row, part, ss, failed, seq, ctrl, limit, SPLIT, BACKEND
+            own_slot + PAYLOAD_OFFSET + n_words, row, part, ss, failed, seq, ctrl, limit, SPLIT,
+            BACKEND,
         )
     inv = tl.math.rsqrt(ss / cols + eps)
     if GEMMA:
@@ -731,11 +731,10 @@ def add_rms_norm_kernel(
         WORLD,
         TWO_SHOT,
         BACKEND,
+        OWN=SPLIT > 1,
+        own_used=n_words + tl.num_programs(0) * (2 * SPLIT),
     )
-    last = _finish(ctrl, seq, SOLO)
-    if SPLIT > 1:
-        if last:
-            _clear_rows(rows_ptr, tl.num_programs(0) * (2 * SPLIT), BACKEND)
+    _finish(ctrl, seq, SOLO)
 
 
 @triton.jit(

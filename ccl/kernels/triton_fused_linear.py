@@ -79,6 +79,13 @@ from ccl.kernels.triton_mailbox import (
 # per nibble (CCL_INT4_SCALE_ONCE=0, read at import: the A/B switch for the bench).
 INT4_SCALE_ONCE = tl.constexpr(os.environ.get("CCL_INT4_SCALE_ONCE", "1") != "0")
 
+# INT4 dequantisation of the tl.dot path: "packed" loads the [BK/8, BN] packed words once and
+# unpacks through a [BK/8, 8, BN] reshape (a layout conversion before the MMA operand);
+# "bcast" loads the word of every [BK, BN] element (8 rows share one: L1 hits) so the unpack
+# is elementwise and can happen in the operand's own layout. CCL_INT4_DOT_LOAD, read at
+# import: the A/B switch for the bench. Same values either way, so the same bits.
+INT4_DOT_BCAST = tl.constexpr(os.environ.get("CCL_INT4_DOT_LOAD", "packed") == "bcast")
+
 AUX_TICKET = tl.constexpr(0)  # next ticket of the running launch
 AUX_FAILED = tl.constexpr(1)  # nonzero: a tile program of the running launch failed a wait
 # Row counters sit two cache lines away from the ticket, which every program's start hits.
@@ -274,7 +281,17 @@ def _gemv_dot(x_ptr, ldx, w_ptr, swk, swn, s_ptr, lds, group, M, K, N, n0, m0,
         kmask = ks < K
         xt = _dot_operand(x_ptr + rows.to(tl.int64)[:, None] * ldx + ks[None, :],
                           rmask[:, None] & kmask[None, :], XDT, NATIVE)
-        if INT4:
+        if INT4 and INT4_DOT_BCAST:
+            m2 = kmask[:, None] & cmask[None, :]
+            q = tl.load(w_ptr + (ks // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,
+                        mask=m2, other=0)
+            sc = _load_f32(s_ptr + (ks // group).to(tl.int64)[:, None] * lds + cols[None, :],
+                           m2, WDT)
+            nib = ((q >> ((ks % 8) * 4)[:, None]) & 0xF) | 0x4B000000
+            wt = (nib.to(tl.float32, bitcast=True) - 8388616.0) * sc
+            if NATIVE:
+                wt = wt.to(xt.dtype)
+        elif INT4:
             k8 = k0 + tl.arange(0, BK // 8) * 8
             m2 = (k8 < K)[:, None] & cmask[None, :]
             q = tl.load(w_ptr + (k8 // 8).to(tl.int64)[:, None] * swk + cols[None, :] * swn,

@@ -703,14 +703,15 @@ def _env_epilogue_split() -> int:
 # polls every source's packets of its columns itself, and a row's parts exchange their sums
 # of squares (one LL word each). "counter": each tile all-reduces its own columns, leaves the
 # sums in a scratch and counts the row done; the epilogue polls the counter (sessions 3-6).
-# CCL_FUSED_HANDOFF picks one (read once; default direct).
+# CCL_FUSED_HANDOFF picks one (read once; default _DEFAULT_HANDOFF).
 _HANDOFF_ENV = "CCL_FUSED_HANDOFF"
+_DEFAULT_HANDOFF = "counter"
 _DIRECT_PART_COLS = 1024  # direct: one epilogue program per this many columns (power of 2)
 
 
 @functools.lru_cache(maxsize=1)
 def _env_handoff() -> str:
-    raw = os.environ.get(_HANDOFF_ENV, "direct").strip().lower() or "direct"
+    raw = os.environ.get(_HANDOFF_ENV, _DEFAULT_HANDOFF).strip().lower() or _DEFAULT_HANDOFF
     if raw not in ("direct", "counter"):
         raise ConfigError(f"{_HANDOFF_ENV}={raw!r}: expected 'direct' or 'counter'")
     return raw
@@ -727,8 +728,9 @@ def direct_split(cols: int, interpreted: bool, split: int | None = None) -> int:
         split = _env_epilogue_split()
     if split <= 0:
         split = -(-cols // _DIRECT_PART_COLS)
-    split = _next_pow2(split)
-    while split > 1 and epilogue_split(cols, split)[0] != split:  # 16-column chunks
+    least = _next_pow2(-(-cols // _EPI_MAX_COLS))  # (one block holds at most 4096 columns)
+    split = max(_next_pow2(split), least)
+    while split > least and epilogue_split(cols, split)[0] != split:  # 16-column chunks
         split //= 2
     return split
 

@@ -234,3 +234,29 @@ def test_gpu_moe_bench_smoke_in_the_interpreter(tmp_path):
     assert [(r["kernel"], r["tiles"]) for r in rows] == [
         ("gate_up", "default"), ("down", "default"), ("down", "4x64x2")]
     assert all(r["ok"] for r in rows)
+
+
+def test_gpu_gemv_bench_smoke_in_the_interpreter(tmp_path):
+    """bench/gpu_gemv.py end to end on the Triton interpreter (--small): each case's variants
+    (a CCL_GEMV_TILES entry applies to its own path only) are checked against the fp32
+    reference and recorded next to torch's F.linear."""
+    pytest.importorskip("triton")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_gemv.py"
+    out = tmp_path / "gemv.json"
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--small", "--inner", "1", "--rounds", "1",
+         "--cases", "int4_M1,int4_M8", "--variants", "default,dot_int4=16x64x4x2",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=100, env=env,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["variant"]) for r in rows] == [
+        ("int4_M1", "default"), ("int4_M1", "torch F.linear (bf16 weight)"),
+        ("int4_M8", "default"), ("int4_M8", "dot_int4=16x64x4x2"),
+        ("int4_M8", "torch F.linear (bf16 weight)")]
+    assert all(r["ok"] for r in rows)
+    assert rows[3]["tiles"] == "16x64x4x2"

@@ -431,6 +431,16 @@ def _interp_worker(rank, world, store_path, seed, q):
         with pytest.raises(CollectiveMismatch):
             mb.raise_if_failed()
         assert bool(out.isnan().all()), "outputs written despite a mismatch"
+        # ranks on different handoffs (one would add the residual twice or never): the
+        # header says which, both refuse
+        out = poison_like(torch.empty(1, 24))
+        device_linear_add_rms_norm(mb, torch.ones(1, 16), torch.ones(16, 24), None,
+                                   torch.ones(1, 24), torch.ones(24), EPS, out=out,
+                                   residual_out=None,
+                                   handoff="direct" if rank == 0 else "counter")
+        with pytest.raises(CollectiveMismatch, match="direct handoff"):
+            mb.raise_if_failed()
+        assert bool(out.isnan().all()), "outputs written despite a handoff mismatch"
         # the plain mailbox ops still work after (same sequence numbers and slots)
         x = torch.full((40,), float(rank + 1))
         mb.all_reduce(x)
@@ -585,10 +595,11 @@ def _check_counters_reset(mb):
 
 
 def _interp_epilogue_split(mb, rank, world, seed):
-    """The fused kernels with each row's epilogue split over several programs: every split
-    (and the default) against the float64 reference, and bitwise equal to each other (every
-    part adds the tiles' sums of squares the same way) and, through the digests, across
-    ranks. Fresh inputs and poisoned outputs per call; one case with outputs aliasing the
+    """The fused kernels with each row's epilogue split over several programs (the fused
+    linear with the direct handoff, which the interpreter runs with one program per row, and
+    once with the counter handoff): every split (and the default) against the float64
+    reference, and bitwise equal to each other (every part adds the tiles' sums of squares
+    the same way) and, through the digests, across ranks. Fresh inputs and poisoned outputs per call; one case with outputs aliasing the
     residual, the QKV kernel (every part publishes the row's q / k sums) too."""
     from ccl.fused_linear import GemvTiles, device_linear_add_rms_norm, device_linear_qk_rms_norm
 
@@ -614,7 +625,8 @@ def _interp_epilogue_split(mb, rank, world, seed):
             res_out = residual.clone() if alias else poison_like(residual)
             device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1],
                                        res_out if alias else residual, nw, EPS, out=out,
-                                       residual_out=res_out, tiles=tiles, epi_split=split)
+                                       residual_out=res_out, tiles=tiles, epi_split=split,
+                                       handoff="direct")
             mb.raise_if_failed()
             _check_counters_reset(mb)
             what = f"epilogue split {split} case {i} {dtype_name} M{m} N{n}"
@@ -626,10 +638,21 @@ def _interp_epilogue_split(mb, rank, world, seed):
             res1 = residual.clone() if alias else poison_like(residual)
             device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1], res1 if alias else residual,
                                        nw, EPS, out=out1, residual_out=res1, tiles=tiles,
-                                       epi_split=1)
+                                       epi_split=1, handoff="direct")
             mb.raise_if_failed()
             assert bits_equal(out1, out) and bits_equal(res1, res_out), \
                 f"{what}: differs from the same call with one epilogue program per row"
+            if split == SPLITS[0]:  # the counter handoff (the A/B alternative) is right too
+                out2 = poison_like(residual)
+                res2 = residual.clone() if alias else poison_like(residual)
+                device_linear_add_rms_norm(mb, xs[rank], mine[0], mine[1],
+                                           res2 if alias else residual, nw, EPS, out=out2,
+                                           residual_out=res2, tiles=tiles, handoff="counter")
+                mb.raise_if_failed()
+                _check_counters_reset(mb)
+                _check(f"{what} counter handoff residual_out", res2, ref_r, dtype)
+                _check(f"{what} counter handoff out", out2, ref_o, dtype)
+                digests.append(digest(out2, res2))
     # QKV: the parts of a row normalise q and k columns of one chunk each
     for i, (dtype_name, m, k, qc, kc, n) in enumerate([("bfloat16", 2, 64, 40, 24, 80),
                                                        ("float32", 1, 32, 16, 16, 48)]):
@@ -693,6 +716,34 @@ def test_epilogue_split_shapes(monkeypatch):
                 assert FL._env_epilogue_split() == ok
         finally:
             FL._env_epilogue_split.cache_clear()
+
+
+def test_direct_split_and_handoff_env(monkeypatch):
+    """The direct handoff's epilogue programs per row: a power of two whose 16-column chunks
+    cover the row with exactly that many programs (their sum-of-squares words are one block),
+    one per 1024 columns by default, always 1 under the interpreter; CCL_FUSED_HANDOFF
+    validated."""
+    from ccl import fused_linear as FL
+    from ccl.errors import ConfigError
+
+    for cols in (1, 16, 17, 100, 1000, 1025, 3072, 4096, 7168, 16384):
+        for split in (None, 0, 1, 2, 3, 8, 64):
+            p = FL.direct_split(cols, False, split)
+            assert p & (p - 1) == 0 and FL.epilogue_split(cols, p)[0] == p, (cols, split, p)
+            assert FL.direct_split(cols, True, split) == 1
+    assert FL.direct_split(3072, False) == 4 and FL.direct_split(1000, False) == 1
+    for raw, ok in (("direct", "direct"), ("COUNTER", "counter"), ("", FL._DEFAULT_HANDOFF),
+                    ("tickets", None)):
+        monkeypatch.setenv("CCL_FUSED_HANDOFF", raw)
+        FL._env_handoff.cache_clear()
+        try:
+            if ok is None:
+                with pytest.raises(ConfigError, match="CCL_FUSED_HANDOFF"):
+                    FL._env_handoff()
+            else:
+                assert FL._env_handoff() == ok
+        finally:
+            FL._env_handoff.cache_clear()
 
 
 def test_row_limit_matches_the_kernel():

@@ -48,8 +48,8 @@ _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 
 # Arguments that only some versions of the kernels have (the split fused norm's row scratch
 # and chunk): filled in when the kernel takes them, so the check follows the kernels.
-_OPTIONAL_TYPES = dict(rows_ptr="*i64", chunk="i32")
-_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0)
+_OPTIONAL_TYPES = dict(chunk="i32")
+_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0, PDL=False)
 
 
 def _sig(fn, types: dict, constexprs: dict):
@@ -111,7 +111,9 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                     f"all_reduce dt{dt} w{world} {'two' if two else 'one'} spans be{be}",
                     K.all_reduce_kernel,
                     dict(t),
-                    dict(c, SPANS=True, POLL_DELAY=300),
+                    dict(c, SPANS=True, POLL_DELAY=300,
+                         **({"PDL": True} if be in (0, 1) and "PDL" in
+                            K.all_reduce_kernel.arg_names else {})),
                     8,
                 )
             )
@@ -167,7 +169,9 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                         f"be{be}",
                         K.add_rms_norm_kernel,
                         dict(t),
-                        dict(c, SPANS=True, POLL_DELAY=300),
+                        dict(c, SPANS=True, POLL_DELAY=300,
+                             **({"PDL": True} if be in (0, 1) and "PDL" in
+                                K.add_rms_norm_kernel.arg_names else {})),
                         2,
                     )
                 )
@@ -437,6 +441,7 @@ def _kernel_stats(k) -> dict:
     row["warp_max"] = ptx.count("redux.sync.max")
     row["bar_sync"] = ptx.count("bar.sync")
     row["st_global_b64"] = ptx.count("st.global.b64") + ptx.count("st.global.v2.b64")
+    row["griddepcontrol"] = ptx.count("griddepcontrol")  # PDL variants: launch + wait
     return row
 
 

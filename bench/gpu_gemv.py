@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     res = dict(bench="gpu_gemv", device=name, torch=torch.__version__,
                triton=__import__("triton").__version__, seed=seed, tag=args.tag,
                env={v: os.environ.get(v) for v in ("CCL_INT4_DOT_LOAD", "CCL_INT4_SCALE_ONCE",
-                                                   "CCL_GEMV_TILES")},
+                                                   "CCL_GEMV_TILES", "CCL_PDL")},
                shape=dict(k_per_rank=k, n=n, group_size=gs, world=args.world),
                method=f"CUDA graph of {args.inner} calls over {copies} weight copies, "
                       f"{args.rounds} replays, median per call",

@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     res = dict(bench="gpu_same_device", device=torch.cuda.get_device_name(dev),
                torch=torch.__version__, triton=__import__("triton").__version__, seed=seed,
                note="two ranks on one GPU (two streams, one process): correctness only",
+               env={v: os.environ.get(v) for v in ("CCL_PDL", "CCL_INT4_DOT_LOAD")},
                all_ok=bad_total == 0, time=time.strftime("%Y-%m-%dT%H:%M:%S"), rows=results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

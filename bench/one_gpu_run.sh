@@ -12,6 +12,8 @@
 #   gemv         gpu_gemv: the GEMV tiles alone vs torch F.linear (GEMV_VARIANTS)
 #   gemv_bcast   gpu_gemv INT4 M=8 with CCL_INT4_DOT_LOAD=bcast (GEMV_BCAST_VARIANTS)
 #   ncu          Nsight Compute on the INT4 M=8 dot GEMV and the INT4 gate/up kernel
+#   pdl          gpu_same_device and gpu_gemv again with CCL_PDL=1 (programmatic dependent
+#                launch: correctness, and the GEMV's back-to-back time against the gemv step)
 # Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}
@@ -20,7 +22,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 unset TRITON_INTERPRET
 log="$OUT/run.log"
 say() { echo "## $(date +%T) $*" | tee -a "$log"; }
-steps=${*:-same_device gemv gemv_bcast ncu}
+steps=${*:-same_device gemv gemv_bcast pdl ncu}
 want() { [[ " $steps " == *" $1 "* ]]; }
 
 say "install"
@@ -47,6 +49,13 @@ if want gemv_bcast; then
     CCL_INT4_DOT_LOAD=bcast timeout 200 python3 bench/gpu_gemv.py --hbm-tbps $HBM --cases int4_M8 \
         --variants "${GEMV_BCAST_VARIANTS:-default}" --tag bcast \
         --json "$OUT/$tag-gemv-bcast.json" >>"$log" 2>&1 || say "gpu_gemv rc=$?"
+fi
+if want pdl; then
+    say "same device + gemv, CCL_PDL=1"
+    CCL_PDL=1 timeout 240 python3 bench/gpu_same_device.py --json "$OUT/$tag-same-device-pdl.json" \
+        >>"$log" 2>&1 || say "gpu_same_device (pdl) rc=$?"
+    CCL_PDL=1 timeout 200 python3 bench/gpu_gemv.py --hbm-tbps $HBM --tag pdl \
+        --json "$OUT/$tag-gemv-pdl.json" >>"$log" 2>&1 || say "gpu_gemv (pdl) rc=$?"
 fi
 if want ncu; then
     say "ncu"

@@ -667,6 +667,7 @@ class DeviceMailbox:
         )
 
     def _launch(self, kernel, grid, *args, **kwargs):
+        kwargs.update(ll.pdl_kwargs(kernel, self.device))  # CCL_PDL=1 on CUDA sm_90+
         if self._compile_only:
             compiled = kernel.warmup(*args, grid=grid, **kwargs)
             init = getattr(compiled, "_init_handles", None)

@@ -668,7 +668,9 @@ def device_kernel_fits(dm, m: int, n: int) -> bool:
 
 
 def _launch_now(kernel, grid, *args, **kwargs):
-    kernel[grid](*args, **kwargs)
+    from ccl.kernels.ll import pdl_kwargs
+
+    kernel[grid](*args, **kwargs, **pdl_kwargs(kernel, args[0].device))
 
 
 # Epilogue of the fused kernels: each row's final pass (normalise and store) is split over

@@ -126,6 +126,24 @@ def backend_for(device_type: str, variant: str | None = None) -> int:
     raise ValueError(f"no LL backend for device type {device_type!r} (cuda, xpu or cpu)")
 
 
+def pdl_kwargs(kernel, device) -> dict:
+    """Launch keywords for programmatic dependent launch of ``kernel`` on ``device``:
+    ``PDL`` (the kernel's constexpr, see ``await_prior_kernel``) and Triton's ``launch_pdl``,
+    when CCL_PDL=1, the device is a CUDA GPU of compute capability 9 or newer (not ROCm) and
+    the kernel takes ``PDL``; else none. Opt-in until measured on two GPUs."""
+    import os
+
+    if os.environ.get("CCL_PDL", "0") != "1" or getattr(device, "type", None) != "cuda":
+        return {}
+    if "PDL" not in getattr(kernel, "arg_names", ()):
+        return {}
+    import torch
+
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] < 9:
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
 # ----------------------------------------------------------------------------- packet fields
 @triton.jit
 def pack(data, flag):
@@ -212,6 +230,21 @@ def load(ptr, mask, BACKEND: tl.constexpr):
     else:
         w = tl.load(ptr, mask=mask, other=0, volatile=True)
     return w
+
+
+@triton.jit
+def await_prior_kernel(PDL: tl.constexpr, BACKEND: tl.constexpr):
+    """Programmatic dependent launch (``PDL``; CUDA sm_90+, launched with ``launch_pdl``):
+    first let the stream's next PDL launch start its programs (they park in this same wait,
+    so the launch latency overlaps our run), then wait until the stream's previous kernel has
+    completed and its memory is visible. Every kernel calls it before its first read of
+    anything an earlier kernel wrote (inputs, the sequence number). Nothing elsewhere."""
+    if PDL:
+        if (BACKEND == BACKEND_CUDA) or (BACKEND == BACKEND_CUDA_FENCED):
+            tl.inline_asm_elementwise(
+                "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.u32 $0, 0;", "=r",
+                [], dtype=tl.int32, is_pure=False, pack=1,
+            )
 
 
 @triton.jit

@@ -548,6 +548,7 @@ def linear_add_rms_norm_kernel(
     HAS_RES: tl.constexpr, HAS_RES_OUT: tl.constexpr, GEMMA: tl.constexpr,
     BACKEND: tl.constexpr, DIRECT: tl.constexpr = False, SPANS: tl.constexpr = False,
     EPI_PARTS: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """``out, res_out = add_rms_norm(sum_r partial_r (+ residual))`` where this rank's partial
     is ``x [M, K] @ W [K, N]`` (``TOPK == 0``; x row stride ``ldx``; W strides ``swk``,
@@ -562,6 +563,7 @@ def linear_add_rms_norm_kernel(
     and leave, each epilogue program polls its whole row (``EPI_BLOCK >= N``) itself; else
     the tiles all-reduce their own columns and hand the sums over through the scratch and
     the row counters. ``SPANS``: ``EPI_BLOCK >= 32 * num_warps`` (one-reduction polls)."""
+    ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     flag = seq & ll.LOW32
@@ -696,6 +698,7 @@ def linear_qk_rms_norm_kernel(
     STAGES: tl.constexpr,
     NATIVE: tl.constexpr, BLOCK_TILES: tl.constexpr, EPI_BLOCK: tl.constexpr,
     WORLD: tl.constexpr, BACKEND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Column-parallel QKV projection with the TP-sharded Q/K RMSNorm in its epilogue
     (DESIGN.md §4 ``qk_rms_norm``): ``qkv [M, N] = x [M, K] @ W [K, N]`` in x's dtype, with
@@ -715,6 +718,7 @@ def linear_qk_rms_norm_kernel(
       normalises its ``epi_chunk`` columns of ``[0, q_cols + k_cols)`` in place
       (``epi_chunk <= EPI_BLOCK``).
     """
+    ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     ticket = tl.atomic_add(aux + AUX_TICKET, 1, sem="relaxed")
     ssp = ws.to(tl.pointer_type(tl.float32))  # [M, 2, n_tiles] q / k sums of squares
@@ -802,11 +806,13 @@ def linear_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
     STAGES: tl.constexpr,
     NATIVE: tl.constexpr, TOPK: tl.constexpr, SLOTS: tl.constexpr, ODT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The partial alone (no communication): ``out [M, N]`` (dtype code ``ODT``: fp32, or
     rounded once to bf16 / fp16 for a 16-bit all-reduce), one program per BN columns
     running exactly the GEMV tiles of ``linear_add_rms_norm_kernel`` (same helpers, same
     blocks), so it times the fused kernel's compute share and is the unfused path's GEMV."""
+    ll.await_prior_kernel(PDL, ll.BACKEND_CUDA)  # (PDL is only ever set on CUDA)
     n0 = tl.program_id(0) * BN
     cols = n0 + tl.arange(0, BN)
     if USE_DOT:
@@ -832,13 +838,14 @@ def linear_kernel(
 def moe_gate_up_kernel(
     x_ptr, ldx, ids_ptr, n_experts, w_ptr, swe, swk, swn, s_ptr, sse, lds, group, h_ptr, K, inter,
     TOPK: tl.constexpr, XDT: tl.constexpr, WDT: tl.constexpr, INT4: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """First half of a SiLU-gated MoE (the Triton stand-in for a framework's fused-MoE gate /
     up GEMM): program (j, r) computes routing slot ``r = m * TOPK + s`` columns
     ``[j*BN, (j+1)*BN)`` of ``h[r] = silu(x[m] @ W13[e][:, :I]) * (x[m] @ W13[e][:, I:])``,
     ``e = ids[r]`` (0 for ids outside [0, E)), rounded to x's dtype (``h`` ``[M*TOPK, I]`` contiguous). The down
     projection is ``linear_add_rms_norm_kernel`` / ``linear_kernel`` with ``TOPK``."""
+    ll.await_prior_kernel(PDL, ll.BACKEND_CUDA)  # (PDL is only ever set on CUDA)
     r = tl.program_id(1).to(tl.int64)
     n0 = tl.program_id(0) * BN
     e = tl.load(ids_ptr + r).to(tl.int64)

@@ -471,11 +471,13 @@ def all_reduce_kernel(
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
     POLL_DELAY: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """out = sum_r x_r over ``numel`` elements (``n_words`` payload words). Program j owns
     payload words [j*BLOCK, (j+1)*BLOCK). out may alias x. ``n_words == 0``: header-only
     handshake."""
     pid = tl.program_id(0)
+    ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     w = pid * BLOCK + tl.arange(0, BLOCK)
     wmask = w < n_words
@@ -623,6 +625,7 @@ def add_rms_norm_kernel(
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
     POLL_DELAY: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Program (row, part) of a (rows, SPLIT) grid holds payload words [part*chunk,
     (part+1)*chunk) of one row of ``cols`` elements. Payload rows are padded to ``wpr`` words
@@ -634,6 +637,7 @@ def add_rms_norm_kernel(
     the rows in our own slot (``_row_sum_of_squares``)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
+    ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     lane = tl.arange(0, BLOCK)
     n_words = tl.num_programs(0) * wpr
@@ -773,11 +777,13 @@ def qk_rms_norm_kernel(
     BK: tl.constexpr,
     SOLO: tl.constexpr,
     BACKEND: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per token t: local sums of squares (ss_q, ss_k) of its q and k shards
     are all-reduced as fp32 payload words 2t, 2t+1 (one-shot), then q_out = q * rsqrt(ss_q /
     (q_cols * WORLD) + eps) * q_weight (k likewise). Rows may be strided; outputs may alias."""
     t = tl.program_id(0)
+    ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     cq = tl.arange(0, BQ)
     ck = tl.arange(0, BK)

@@ -66,18 +66,23 @@ T0 = time.time()
 # (ccl.fused_linear.epilogue_split; "default" takes CCL_FUSED_EPILOGUE_SPLIT or the library's
 # choice), for sweeping it: --variants default,split1,split2,split4,split8.
 BLOCKS = ("default", "warps8", "bn_half")
-DRY_BLOCKS = ("default", "bn_half", "split1", "split3", "counter")
+DRY_BLOCKS = ("default", "bn_half", "split1", "split3", "counter", "direct",
+              "direct_split3")
 
 
 def variant_handoff(variant):
-    """``counter``: the default tiles with the counter handoff (ccl.fused_linear
-    CCL_FUSED_HANDOFF), for the A/B against the direct one; else None (the library's)."""
-    return "counter" if variant == "counter" else None
+    """``counter`` / ``direct`` (optionally ``direct_split<P>``): the default tiles with that
+    handoff (ccl.fused_linear CCL_FUSED_HANDOFF), for the A/B in one run; else None (the
+    library's)."""
+    head = variant.split("_")[0]
+    return head if head in ("counter", "direct") else None
 
 
 def variant_split(variant):
-    """Epilogue programs per row of a ``split<P>`` variant, else None (the library's)."""
-    return int(variant[5:]) if variant.startswith("split") else None
+    """Epilogue programs per row of a ``split<P>`` (or ``direct_split<P>``) variant, else None
+    (the library's)."""
+    last = variant.split("_")[-1]
+    return int(last[5:]) if last.startswith("split") else None
 
 
 def variant_tiles(variant, m, int4):

@@ -21,7 +21,9 @@
 #   sweep        gpu_validate's sweep of all-reduce program shapes and poll variants (and of
 #                the fused norm's chunks), vs NCCL
 # DECODE_ARGS adds decode_step options (e.g. --profile).
-# FUSED_VARIANTS overrides the fused step's variants (e.g. default,split1,split2,split4).
+# FUSED_VARIANTS overrides the fused step's variants (e.g. default,split1,split2,split4, or
+# counter,direct,direct_split2 for the handoff A/B).
+# CCL_PDL=1 in the environment turns programmatic dependent launch on for every step.
 # Results go to $OUT (the device tool brings back at most 8 files: choose steps accordingly).
 set -uo pipefail
 OUT=${OUT:-/tmp/ccl-out}

@@ -49,7 +49,7 @@ _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 # Arguments that only some versions of the kernels have (the split fused norm's row scratch
 # and chunk): filled in when the kernel takes them, so the check follows the kernels.
 _OPTIONAL_TYPES = dict(chunk="i32")
-_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0, PDL=False)
+_OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0, PDL=False, ROWWIDE=False)
 
 
 def _sig(fn, types: dict, constexprs: dict):
@@ -173,6 +173,16 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                              **({"PDL": True} if be in (0, 1) and "PDL" in
                                 K.add_rms_norm_kernel.arg_names else {})),
                         2,
+                    )
+                )
+            if "ROWWIDE" in K.add_rms_norm_kernel.arg_names and not two:
+                out.append(
+                    (
+                        f"add_rms_norm dt{dt} w{world} one split8 rowwide be{be}",
+                        K.add_rms_norm_kernel,
+                        dict(t),
+                        dict(c, SPANS=True, POLL_DELAY=300, ROWWIDE=True, BLOCK=2048),
+                        8,
                     )
                 )
     for dt, world, be in itertools.product(dts, worlds, backends):

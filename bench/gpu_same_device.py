@@ -9,7 +9,8 @@ Checks, each with fresh random inputs and poisoned outputs, against a pure-torch
 reference (bf16 outputs within 2 ulps) and bitwise equal across the two ranks:
 
 * the fused all-reduce + residual + RMSNorm at 1x4096, 8x7168, 3x1000 (bf16, fp32), rows split
-  over several programs as on CUDA by default (their sum-of-squares words in the own slot);
+  over several programs as on CUDA by default (their sum-of-squares words in the own slot),
+  and row-wide (CCL_DEVICE_NORM_ROWWIDE), each out of place and in place;
 * the fused linear + all-reduce + residual + RMSNorm (``device_linear_add_rms_norm``), direct
   handoff, bf16 and INT4 weights, M = 1 and 8, every epilogue split, in place (residual_out
   aliasing the residual) and not;
@@ -91,32 +92,43 @@ def main(argv=None) -> int:
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
 
     # ---------------------------------------------------------------- fused norm
-    for rows, cols, dtype in ((1, 4096, torch.bfloat16), (8, 7168, torch.bfloat16),
-                              (3, 1000, torch.float32), (1, 4096, torch.float32)):
-        bad = cross = 0
-        for _ in range(args.iters):
-            xs = [rand((rows, cols), dtype) for _ in dms]
-            res = rand((rows, cols), dtype)
-            w = rand((cols,), dtype)
-            r = xs[0].float() + xs[1].float() + res.float()
-            ref_o = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
-            outs = [torch.full_like(res, float("nan")) for _ in dms]
-            routs = [torch.full_like(res, float("nan")) for _ in dms]
-            both(lambda k, dm: dm.add_rms_norm(xs[k], res, w, EPS, out=outs[k],
-                                               residual_out=routs[k]))
-            for k in (0, 1):
-                bad += _mismatch(outs[k], ref_o, dtype) + _mismatch(routs[k], r, dtype)
-            cross += int(not (torch.equal(outs[0].view(torch.int16 if dtype != torch.float32
-                                                        else torch.int32),
-                                          outs[1].view(torch.int16 if dtype != torch.float32
-                                                       else torch.int32))
-                              and torch.equal(routs[0], routs[1])))
-        split = dms[0]._norm_split(rows, cols // (2 if dtype != torch.float32 else 1))
-        results.append(dict(op="add_rms_norm", shape=[rows, cols], dtype=str(dtype),
-                            programs_per_row=split, calls=args.iters, bad_elements=bad,
-                            cross_rank_mismatches=cross, ok=bad == 0 and cross == 0))
-        print(json.dumps(results[-1]), flush=True)
-        bad_total += not results[-1]["ok"]
+    int_view = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    for rowwide in (False, True):
+        for dm in dms:
+            dm.norm_rowwide = rowwide
+        for rows, cols, dtype in ((1, 4096, torch.bfloat16), (8, 7168, torch.bfloat16),
+                                  (3, 1000, torch.float32), (1, 4096, torch.float32)):
+            for alias in (False, True):  # in place: out = x, residual_out = residual (vLLM)
+                bad = cross = 0
+                for _ in range(args.iters):
+                    xs = [rand((rows, cols), dtype) for _ in dms]
+                    res = rand((rows, cols), dtype)
+                    w = rand((cols,), dtype)
+                    r = xs[0].float() + xs[1].float() + res.float()
+                    ref_o = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
+                    ress = [res.clone() for _ in dms]
+                    if alias:
+                        outs, routs = xs, ress
+                    else:
+                        outs = [torch.full_like(res, float("nan")) for _ in dms]
+                        routs = [torch.full_like(res, float("nan")) for _ in dms]
+                    both(lambda k, dm: dm.add_rms_norm(xs[k], ress[k], w, EPS, out=outs[k],
+                                                       residual_out=routs[k]))
+                    for k in (0, 1):
+                        bad += _mismatch(outs[k], ref_o, dtype) + _mismatch(routs[k], r, dtype)
+                    cross += int(not (torch.equal(outs[0].view(int_view[dtype]),
+                                                  outs[1].view(int_view[dtype]))
+                                      and torch.equal(routs[0].view(int_view[dtype]),
+                                                      routs[1].view(int_view[dtype]))))
+                split = dms[0]._norm_split(rows, cols // (2 if dtype != torch.float32 else 1))
+                results.append(dict(op="add_rms_norm", rowwide=rowwide, shape=[rows, cols],
+                                    dtype=str(dtype), in_place=alias, programs_per_row=split,
+                                    calls=args.iters, bad_elements=bad,
+                                    cross_rank_mismatches=cross, ok=bad == 0 and cross == 0))
+                print(json.dumps(results[-1]), flush=True)
+                bad_total += not results[-1]["ok"]
+    for dm in dms:
+        dm.norm_rowwide = False
 
     # ---------------------------------------------------------------- fused linear, direct
     k, n = 1536, 3072

@@ -39,6 +39,8 @@ _OP_ALL_REDUCE, _OP_ADD_RMS_NORM, _OP_QK_RMS_NORM, _OP_HANDSHAKE = 1, 2, 3, 4
 _OP_NAMES = {1: "all_reduce", 2: "all_reduce_add_rms_norm", 3: "qk_rms_norm", 4: "handshake",
              5: "linear_all_reduce_add_rms_norm", 6: "moe_all_reduce_add_rms_norm"}
 _FLAG_RESIDUAL, _FLAG_GEMMA, _FLAG_TWO_SHOT, _FLAG_HANDSHAKE = 0x01, 0x02, 0x40, 0x80
+_FLAG_ROWWIDE = 0x04  # fused norm: every program reduces the whole row (other bits than split)
+_ROWWIDE_MAX_SPLIT = 8  # row-wide norm: at most this many programs read each row
 _MAX_ROW_WORDS = 16384  # fused norm: one program holds a whole row in registers
 # Fused norm with rows split over several programs (CUDA): those programs wait on each other,
 # so the launch must be co-resident; 128 programs stay far below one per SM of any GPU this
@@ -163,6 +165,8 @@ def _describe(h) -> str:
         s += ", direct handoff"
     if split > 1:
         s += f", {split} programs per row"
+    if flags & _FLAG_ROWWIDE and op == _OP_ADD_RMS_NORM:
+        s += ", row-wide"
     return s + ")"
 
 
@@ -260,6 +264,11 @@ class DeviceMailbox:
         self.norm_chunk = int(os.environ.get("CCL_DEVICE_NORM_CHUNK", "256"))
         #: fused norm: warps per program (0: chosen from the block; a bench knob)
         self.norm_warps = int(os.environ.get("CCL_DEVICE_NORM_WARPS", "0"))
+        #: fused norm with split rows: every program reads and reduces the whole row and
+        #: writes its chunk (no sum-of-squares exchange after the peers' words arrive);
+        #: CCL_DEVICE_NORM_ROWWIDE=1, opt-in until measured on two GPUs (session 7)
+        self.norm_rowwide = os.environ.get("CCL_DEVICE_NORM_ROWWIDE", "0") == "1"
+
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
         #: Two-shot on CUDA: its session-1/2 wrong 16-bit results were the per-warp spin exits
@@ -488,14 +497,18 @@ class DeviceMailbox:
         split = self._norm_split(rows, wpr)
         if n_words + 2 * rows * split > self.layout.cap_words:  # the parts' words follow the rows
             split = 1
+        rowwide = self.norm_rowwide and split > 1 and not two
+        if rowwide:
+            split = min(split, _ROWWIDE_MAX_SPLIT)
+            flags |= _FLAG_ROWWIDE
         flags |= (split.bit_length() - 1) << _SPLIT_SHIFT
         h = self._header(_OP_ADD_RMS_NORM, code, flags, rows * cols, cols, eps)
         chunk = _cdiv(wpr, split)
-        block = max(32, _next_pow2(chunk))
+        block = max(32, _next_pow2(wpr if rowwide else chunk))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8)
-        if split > 1:  # two payload words per thread (session 5 sweep: 256-word chunks,
-            warps = max(1, min(8, block // 64))  # 4 warps: 1x4096 4.24 vs 4.41 us with 2)
-        else:
+        if split > 1 and not rowwide:  # two payload words per thread (session 5 sweep:
+            warps = max(1, min(8, block // 64))  # 256-word chunks, 4 warps: 1x4096 4.24 vs
+        else:  # 4.41 us with 2)
             warps = max(4, min(16, block // 256))
         self._launch(
             K.add_rms_norm_kernel,
@@ -522,6 +535,7 @@ class DeviceMailbox:
             GEMMA=bool(gemma),
             SOLO=rows * split == 1,
             BACKEND=self.backend,
+            ROWWIDE=rowwide,
             **self._poll_variant(block, self.norm_warps or warps, norm=True),
             num_warps=self.norm_warps or warps,
         )

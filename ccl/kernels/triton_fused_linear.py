@@ -783,7 +783,7 @@ def linear_qk_rms_norm_kernel(
         lane = tl.arange(0, 2)
         vals = tl.where(lane == 0, sq, sk)
         acc, _, failed = _exchange(
-            2 * row + lane, lane < 2, ll.elem_bits(vals, 0), vals, vals * 0.0,
+            2 * row + lane, lane < 2, lane < 2, ll.elem_bits(vals, 0), vals, vals * 0.0,
             (row == 0) & (part == 0),
             table, ctrl, rank, seq, h0, h1, h2, h3, 2 * M, 0,
             hop1_off, slot_words, hop2_off, hop2_words, limit, 0, 1, WORLD, False, BACKEND,

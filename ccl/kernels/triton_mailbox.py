@@ -203,6 +203,7 @@ def _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq):
 def _exchange(
     w,
     wmask,
+    pmask,
     my_data,
     own_lo,
     own_hi,
@@ -229,6 +230,10 @@ def _exchange(
     BACKEND: tl.constexpr,
     SPANS: tl.constexpr = False,
     POLL_DELAY: tl.constexpr = 0,
+    SIBS: tl.constexpr = 0,
+    sib_ptr=None,
+    sib_me=0,
+    sib_src=None,
 ):
     """All-reduce of payload words ``w`` (a block of word indices, ``wmask`` valid) whose
     local data is ``my_data`` (int64, low 32 bits) and fp32 values ``own_lo``/``own_hi``
@@ -238,7 +243,14 @@ def _exchange(
 
     ``SPANS``: the block ``w`` has lanes in every warp (BLOCK >= 32 * num_warps), so a poll
     needs one cross-warp reduction (``_poll_code``). ``POLL_DELAY``: nanoseconds to sleep
-    between our publishes and the first poll (CUDA; a bench knob)."""
+    between our publishes and the first poll (CUDA; a bench knob).
+
+    ``pmask``: the words this program pushes (one-shot; ``wmask`` everywhere but the
+    row-wide fused norm, whose programs each push their chunk and reduce the whole row).
+    ``SIBS > 0`` (the row-wide norm): after our pushes, publish word ``sib_me`` at ``sib_ptr``
+    ("done reading": its data depends on a reduction of ``sib_src``, the program's inputs, so
+    it cannot be seen before those loads completed), then wait until all ``SIBS`` words carry
+    the call's flag -- while the peers' words are still in flight."""
     flag = seq & ll.LOW32
     phase = seq & 1
     hl = tl.arange(0, HEADER_WORDS)
@@ -269,15 +281,26 @@ def _exchange(
         for i in tl.static_range(1, WORLD):
             peer = _ptr(table, (rank + i) % WORLD)
             ll.store(peer + mine1 + hl, hdr_words, hmask, BACKEND)
-            ll.store(peer + mine1 + PAYLOAD_OFFSET + w, my_words, wmask, BACKEND)
+            ll.store(peer + mine1 + PAYLOAD_OFFSET + w, my_words, pmask, BACKEND)
         need = wmask
         woff = PAYLOAD_OFFSET + w
     ll.publish_flush(ctrl + CTRL_SCRATCH, BACKEND)
     if POLL_DELAY > 0:
         ll.pause(POLL_DELAY, BACKEND)
 
-    # ---- reduce in rank order (one-shot: every lane; two-shot: the lanes we own)
     failed = tl.zeros([], tl.int32)
+    if SIBS > 0:
+        dep = tl.max(sib_src, 0).to(tl.int32, bitcast=True).to(tl.int64) & 1
+        sl = tl.arange(0, SIBS)
+        ll.store(sib_ptr + sl, ll.pack(dep | 0x80000000, flag), sl == sib_me, BACKEND)
+        sw, _, sst = _wait_peer(sib_ptr + sl, sl < SIBS, sib_ptr, hl < 0, my_hdr, flag, limit,
+                                ctrl, BACKEND)
+        if sst != 0:  # a sibling program never got here: it is stuck on a peer (recorded)
+            tl.atomic_max(ctrl + CTRL_STATUS, tl.full([], 1, tl.int64))
+            tl.atomic_or(ctrl + CTRL_WHERE, 4)
+            tl.atomic_max(ctrl + CTRL_FAIL_SEQ, seq)
+        failed = failed | (sst != 0).to(tl.int32)
+    # ---- reduce in rank order (one-shot: every lane; two-shot: the lanes we own)
     acc_lo = tl.zeros(own_lo.shape, tl.float32)
     acc_hi = tl.zeros(own_lo.shape, tl.float32)
     for src in tl.static_range(WORLD):
@@ -493,6 +516,7 @@ def all_reduce_kernel(
     acc_lo, acc_hi, failed = _exchange(
         w,
         wmask,
+        wmask,
         data,
         own_lo,
         own_hi,
@@ -626,6 +650,7 @@ def add_rms_norm_kernel(
     SPANS: tl.constexpr = False,
     POLL_DELAY: tl.constexpr = 0,
     PDL: tl.constexpr = False,
+    ROWWIDE: tl.constexpr = False,
 ):
     """Program (row, part) of a (rows, SPLIT) grid holds payload words [part*chunk,
     (part+1)*chunk) of one row of ``cols`` elements. Payload rows are padded to ``wpr`` words
@@ -634,16 +659,28 @@ def add_rms_norm_kernel(
     math, no intermediate rounding. Outputs may alias x / residual (a program reads its part of
     a row before it writes it). ``SPLIT == 1``: one program per row, no intra-launch waits
     (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in LL words after
-    the rows in our own slot (``_row_sum_of_squares``)."""
+    the rows in our own slot (``_row_sum_of_squares``).
+
+    ``ROWWIDE`` (``SPLIT > 1``, one-shot; ``BLOCK >= wpr``): each program pushes its chunk
+    but reads and reduces the whole row itself, so no sum-of-squares exchange follows the
+    peers' arrival. Outputs may alias the inputs, and a program writes only its chunk, so it
+    first waits for a "done reading" word of every sibling, published right after the
+    siblings' pushes (``_exchange``'s ``SIBS``): it is there long before the peers' words."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     ll.await_prior_kernel(PDL, BACKEND)
     seq = _load_seq(ctrl, BACKEND)
     lane = tl.arange(0, BLOCK)
     n_words = tl.num_programs(0) * wpr
-    wr = part * chunk + lane  # payload word within the row
+    if ROWWIDE:
+        wr = lane  # the whole row; we push (and write) our chunk of it
+        wmask = wr < wpr
+        mine = wmask & (wr >= part * chunk) & (wr < part * chunk + chunk)
+    else:
+        wr = part * chunk + lane  # payload word within the row
+        wmask = (lane < chunk) & (wr < wpr)
+        mine = wmask
     w = row * wpr + wr
-    wmask = (lane < chunk) & (wr < wpr)
     if DTYPE == 0:
         c_lo = wr
         c_hi = wr
@@ -660,10 +697,17 @@ def add_rms_norm_kernel(
     # the wait for the peers instead of following it.
     if HAS_RES:
         _, r_lo, r_hi = _load_pair(res_ptr + base, c_lo, m_lo, c_hi, m_hi, DTYPE)
-    _, w_lo, w_hi = _load_pair(weight_ptr, c_lo, m_lo, c_hi, m_hi, DTYPE)
+    o_lo = m_lo & mine  # the lanes this program writes
+    o_hi = m_hi & mine
+    _, w_lo, w_hi = _load_pair(weight_ptr, c_lo, o_lo, c_hi, o_hi, DTYPE)
+    own_slot = _ptr(table, rank) + hop1_off + ((seq & 1) * WORLD + rank) * slot_words
+    deps = own_lo + own_hi  # (ROWWIDE: what the "done reading" word waits for)
+    if HAS_RES:
+        deps = deps + r_lo + r_hi
     acc_lo, acc_hi, failed = _exchange(
         w,
         wmask,
+        mine,
         data,
         own_lo,
         own_hi,
@@ -690,6 +734,10 @@ def add_rms_norm_kernel(
         BACKEND,
         SPANS,
         POLL_DELAY,
+        SPLIT if ROWWIDE else 0,
+        own_slot + PAYLOAD_OFFSET + n_words + row * SPLIT,
+        part,
+        deps,
     )
     if HAS_RES:
         acc_lo = acc_lo + r_lo
@@ -697,8 +745,7 @@ def add_rms_norm_kernel(
     ss = tl.sum(tl.where(m_lo, acc_lo * acc_lo, 0.0), 0)
     if DTYPE != 0:
         ss = ss + tl.sum(tl.where(m_hi, acc_hi * acc_hi, 0.0), 0)
-    if SPLIT > 1:
-        own_slot = _ptr(table, rank) + hop1_off + ((seq & 1) * WORLD + rank) * slot_words
+    if (SPLIT > 1) and (not ROWWIDE):
         ss, failed = _row_sum_of_squares(
             own_slot + PAYLOAD_OFFSET + n_words, row, part, ss, failed, seq, ctrl, limit, SPLIT,
             BACKEND,
@@ -711,15 +758,15 @@ def add_rms_norm_kernel(
     # (residual_out is stored here, after the siblings' wait: storing it before that wait
     # measured slower on 2x H200, session 5: 1x4096 4.49 vs 4.21 us, 8x7168 6.04 vs 5.38)
     if HAS_RES_OUT:
-        tl.store(res_out_ptr + base + c_lo, ll.from_f32(acc_lo, DTYPE), mask=ll.both(m_lo, ok))
+        tl.store(res_out_ptr + base + c_lo, ll.from_f32(acc_lo, DTYPE), mask=ll.both(o_lo, ok))
         if DTYPE != 0:
-            tl.store(res_out_ptr + base + c_hi, ll.from_f32(acc_hi, DTYPE), mask=ll.both(m_hi, ok))
+            tl.store(res_out_ptr + base + c_hi, ll.from_f32(acc_hi, DTYPE), mask=ll.both(o_hi, ok))
     tl.store(
-        out_ptr + base + c_lo, ll.from_f32((acc_lo * inv) * w_lo, DTYPE), mask=ll.both(m_lo, ok)
+        out_ptr + base + c_lo, ll.from_f32((acc_lo * inv) * w_lo, DTYPE), mask=ll.both(o_lo, ok)
     )
     if DTYPE != 0:
         tl.store(
-            out_ptr + base + c_hi, ll.from_f32((acc_hi * inv) * w_hi, DTYPE), mask=ll.both(m_hi, ok)
+            out_ptr + base + c_hi, ll.from_f32((acc_hi * inv) * w_hi, DTYPE), mask=ll.both(o_hi, ok)
         )
     _scrub(
         table,
@@ -797,6 +844,7 @@ def qk_rms_norm_kernel(
     vals = tl.where(lane == 0, ssq, ssk)
     acc, _, failed = _exchange(
         2 * t + lane,
+        lane < 2,
         lane < 2,
         ll.elem_bits(vals, 0),
         vals,

@@ -48,7 +48,7 @@ _PTR = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 
 # Arguments that only some versions of the kernels have (the split fused norm's row scratch
 # and chunk): filled in when the kernel takes them, so the check follows the kernels.
-_OPTIONAL_TYPES = dict(chunk="i32")
+_OPTIONAL_TYPES = dict(rows_ptr="*i64", chunk="i32")
 _OPTIONAL_CONSTEXPRS = dict(SPLIT=1, SPANS=False, POLL_DELAY=0, PDL=False, ROWWIDE=False)
 
 

@@ -230,6 +230,8 @@ class DeviceMailbox:
         self._table = torch.tensor([int(b) for b in bases], dtype=torch.int64, device=self.device)
         self._ctrl = torch.zeros(K.CTRL_WORDS, dtype=torch.int64, device=self.device)
         self._dummy = torch.zeros(1, dtype=torch.float32, device=self.device)
+        # Row scratch of the split fused norm (2 words per program; zero between launches).
+        self._rows = torch.zeros(2 * _MAX_SPLIT_PROGRAMS, dtype=torch.int64, device=self.device)
         self._hop1 = self.layout.hop1_offset // 8
         self._hop2 = self.layout.hop2_offset // 8
         env_spin = os.environ.get("CCL_SPIN_NS")
@@ -495,11 +497,12 @@ class DeviceMailbox:
             | (_FLAG_TWO_SHOT if two else 0)
         )
         split = self._norm_split(rows, wpr)
-        if n_words + 2 * rows * split > self.layout.cap_words:  # the parts' words follow the rows
-            split = 1
         rowwide = self.norm_rowwide and split > 1 and not two
         if rowwide:
             split = min(split, _ROWWIDE_MAX_SPLIT)
+            if n_words + rows * split > self.layout.cap_words:  # (its words follow the rows)
+                split, rowwide = 1, False
+        if rowwide:
             flags |= _FLAG_ROWWIDE
         flags |= (split.bit_length() - 1) << _SPLIT_SHIFT
         h = self._header(_OP_ADD_RMS_NORM, code, flags, rows * cols, cols, eps)
@@ -518,6 +521,7 @@ class DeviceMailbox:
             weight,
             out,
             residual_out if residual_out is not None else out,
+            self._rows,
             cols,
             wpr,
             chunk,

@@ -574,11 +574,12 @@ def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
     at ``rows_ptr`` (words ``[row][part][2]``: the partial, then whether its exchange failed),
     each with bit 31 of the data set as a "written" mark, then waits for all of the row's words
     and adds the partials in part order -- the same order on every rank and in every program,
-    so the result is bitwise identical everywhere. ``rows_ptr`` lies in our own hop-1 slot
-    after the payload (a slot no peer writes): the words carry the call's flag and
-    ``_scrub(OWN=True)`` refreshes the slot's unused tail every 2^31 calls, so nothing needs
-    clearing between calls and a 32-bit flag cannot alias after wraparound. Returns (ss,
-    failed).
+    so the result is bitwise identical everywhere. A word must never survive from an earlier
+    call with a matching 32-bit flag: the fused norm's words live in a scratch that the
+    launch's last program zeroes after every call (``_clear_rows``); the fused linear's
+    direct handoff puts them in our own hop-1 slot after the payload (a slot no peer writes),
+    where they carry the call's flag and ``_scrub(OWN=True)`` refreshes the slot's unused tail
+    every 2^31 calls. Returns (ss, failed).
 
     GPU only: programs wait on programs of the same launch, which must therefore all get to
     run (a launch of at most _MAX_SPLIT_PROGRAMS programs, far below the SM count; the fused
@@ -612,6 +613,17 @@ def _row_sum_of_squares(rows_ptr, row, part, ss, failed, seq, ctrl, limit,
     return total, (bad != 0).to(tl.int32)
 
 
+@triton.jit
+def _clear_rows(rows_ptr, n, BACKEND: tl.constexpr):
+    """Zeroes ``n`` words of the row scratch (the last program of a launch, when every
+    program has read it)."""
+    off = tl.arange(0, 256)
+    t = 0
+    while t < n:
+        ll.store(rows_ptr + t + off, off.to(tl.int64) * 0, t + off < n, BACKEND)
+        t += 256
+
+
 @triton.jit(do_not_specialize=("cols", "wpr", "chunk", "eps", "shard_words") + _COMMON)
 def add_rms_norm_kernel(
     x_ptr,
@@ -619,6 +631,7 @@ def add_rms_norm_kernel(
     weight_ptr,
     out_ptr,
     res_out_ptr,
+    rows_ptr,
     cols,
     wpr,
     chunk,
@@ -658,14 +671,16 @@ def add_rms_norm_kernel(
     residual), res_out = r, out = r * rsqrt(mean(r^2) + eps) * (weight (+1 for GEMMA)); fp32
     math, no intermediate rounding. Outputs may alias x / residual (a program reads its part of
     a row before it writes it). ``SPLIT == 1``: one program per row, no intra-launch waits
-    (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in LL words after
-    the rows in our own slot (``_row_sum_of_squares``).
+    (the interpreter's case); ``SPLIT > 1``: the parts' sums of squares meet in ``rows_ptr``
+    (``_row_sum_of_squares``).
 
     ``ROWWIDE`` (``SPLIT > 1``, one-shot; ``BLOCK >= wpr``): each program pushes its chunk
     but reads and reduces the whole row itself, so no sum-of-squares exchange follows the
     peers' arrival. Outputs may alias the inputs, and a program writes only its chunk, so it
     first waits for a "done reading" word of every sibling, published right after the
-    siblings' pushes (``_exchange``'s ``SIBS``): it is there long before the peers' words."""
+    siblings' pushes (``_exchange``'s ``SIBS``): it is there long before the peers' words.
+    Those words live in our own hop-1 slot after the rows (no peer writes it; they carry the
+    call's flag, and ``_scrub(OWN=True)`` refreshes the slot's tail every 2^31 calls)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     ll.await_prior_kernel(PDL, BACKEND)
@@ -674,13 +689,14 @@ def add_rms_norm_kernel(
     n_words = tl.num_programs(0) * wpr
     if ROWWIDE:
         wr = lane  # the whole row; we push (and write) our chunk of it
+        w = row * wpr + wr
         wmask = wr < wpr
         mine = wmask & (wr >= part * chunk) & (wr < part * chunk + chunk)
     else:
         wr = part * chunk + lane  # payload word within the row
+        w = row * wpr + wr
         wmask = (lane < chunk) & (wr < wpr)
         mine = wmask
-    w = row * wpr + wr
     if DTYPE == 0:
         c_lo = wr
         c_hi = wr
@@ -697,13 +713,20 @@ def add_rms_norm_kernel(
     # the wait for the peers instead of following it.
     if HAS_RES:
         _, r_lo, r_hi = _load_pair(res_ptr + base, c_lo, m_lo, c_hi, m_hi, DTYPE)
-    o_lo = m_lo & mine  # the lanes this program writes
-    o_hi = m_hi & mine
+    if ROWWIDE:
+        o_lo = m_lo & mine  # the lanes this program writes
+        o_hi = m_hi & mine
+        sib_words = _ptr(table, rank) + hop1_off + ((seq & 1) * WORLD + rank) * slot_words
+        sib_words += PAYLOAD_OFFSET + n_words + row * SPLIT
+        deps = own_lo + own_hi  # what the "done reading" word waits for
+        if HAS_RES:
+            deps = deps + r_lo + r_hi
+    else:
+        o_lo = m_lo
+        o_hi = m_hi
+        sib_words = table
+        deps = own_lo
     _, w_lo, w_hi = _load_pair(weight_ptr, c_lo, o_lo, c_hi, o_hi, DTYPE)
-    own_slot = _ptr(table, rank) + hop1_off + ((seq & 1) * WORLD + rank) * slot_words
-    deps = own_lo + own_hi  # (ROWWIDE: what the "done reading" word waits for)
-    if HAS_RES:
-        deps = deps + r_lo + r_hi
     acc_lo, acc_hi, failed = _exchange(
         w,
         wmask,
@@ -735,7 +758,7 @@ def add_rms_norm_kernel(
         SPANS,
         POLL_DELAY,
         SPLIT if ROWWIDE else 0,
-        own_slot + PAYLOAD_OFFSET + n_words + row * SPLIT,
+        sib_words,
         part,
         deps,
     )
@@ -747,8 +770,7 @@ def add_rms_norm_kernel(
         ss = ss + tl.sum(tl.where(m_hi, acc_hi * acc_hi, 0.0), 0)
     if (SPLIT > 1) and (not ROWWIDE):
         ss, failed = _row_sum_of_squares(
-            own_slot + PAYLOAD_OFFSET + n_words, row, part, ss, failed, seq, ctrl, limit, SPLIT,
-            BACKEND,
+            rows_ptr, row, part, ss, failed, seq, ctrl, limit, SPLIT, BACKEND
         )
     inv = tl.math.rsqrt(ss / cols + eps)
     if GEMMA:
@@ -782,10 +804,13 @@ def add_rms_norm_kernel(
         WORLD,
         TWO_SHOT,
         BACKEND,
-        OWN=SPLIT > 1,
-        own_used=n_words + tl.num_programs(0) * (2 * SPLIT),
+        OWN=ROWWIDE,
+        own_used=n_words + tl.num_programs(0) * SPLIT,
     )
-    _finish(ctrl, seq, SOLO)
+    last = _finish(ctrl, seq, SOLO)
+    if (SPLIT > 1) and (not ROWWIDE):
+        if last:
+            _clear_rows(rows_ptr, tl.num_programs(0) * (2 * SPLIT), BACKEND)
 
 
 @triton.jit(

@@ -111,12 +111,14 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                     f"all_reduce dt{dt} w{world} {'two' if two else 'one'} spans be{be}",
                     K.all_reduce_kernel,
                     dict(t),
-                    dict(c, SPANS=True, POLL_DELAY=300,
-                         **({"PDL": True} if be in (0, 1) and "PDL" in
-                            K.all_reduce_kernel.arg_names else {})),
+                    dict(c, SPANS=True, POLL_DELAY=300),
                     8,
                 )
             )
+            if be in (0, 1) and "PDL" in K.all_reduce_kernel.arg_names:  # CUDA: PDL
+                out.append((f"all_reduce dt{dt} w{world} {'two' if two else 'one'} spans pdl "
+                            f"be{be}", K.all_reduce_kernel, dict(t),
+                            dict(c, SPANS=True, POLL_DELAY=300, PDL=True), 8))
         t = _common(
             dict(
                 x_ptr=p,
@@ -169,12 +171,14 @@ def variants(quick: bool, world_sizes=(2, 4, 8), backends=(0,)):
                         f"be{be}",
                         K.add_rms_norm_kernel,
                         dict(t),
-                        dict(c, SPANS=True, POLL_DELAY=300,
-                             **({"PDL": True} if be in (0, 1) and "PDL" in
-                                K.add_rms_norm_kernel.arg_names else {})),
+                        dict(c, SPANS=True, POLL_DELAY=300),
                         2,
                     )
                 )
+                if be in (0, 1) and "PDL" in K.add_rms_norm_kernel.arg_names:
+                    out.append((f"add_rms_norm dt{dt} w{world} {'two' if two else 'one'} split8 "
+                                f"spans pdl be{be}", K.add_rms_norm_kernel, dict(t),
+                                dict(c, SPANS=True, POLL_DELAY=300, PDL=True), 2))
             if "ROWWIDE" in K.add_rms_norm_kernel.arg_names and not two:
                 out.append(
                     (

@@ -462,3 +462,28 @@ def test_kernels_compile_to_spirv():
         ["--quick", "--target", "xpu"], env={"PYTHONPATH": os.environ["CCL_TRITON_XPU_PATH"]}
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def test_pdl_kwargs_only_where_asked_and_supported(monkeypatch):
+    """Programmatic dependent launch is opt-in (CCL_PDL=1), CUDA sm_90+ only, and only for
+    kernels that take the PDL constexpr (the others launch as before)."""
+    import torch
+
+    from ccl.kernels import ll
+    from ccl.kernels import triton_fused_linear as F
+    from ccl.kernels import triton_mailbox as K
+    from ccl.kernels.triton_route import route_topk_kernel
+
+    cuda = torch.device("cuda", 0)
+    assert ll.pdl_kwargs(K.all_reduce_kernel, torch.device("cpu")) == {}
+    ll._pdl_device.cache_clear()
+    monkeypatch.setenv("CCL_PDL", "0")
+    assert ll.pdl_kwargs(K.all_reduce_kernel, cuda) == {}  # (not asked: no device query)
+    ll._pdl_device.cache_clear()
+    monkeypatch.setattr(ll, "_pdl_device", lambda index: True)  # as on an sm_90 GPU
+    for k in (K.all_reduce_kernel, K.add_rms_norm_kernel, K.qk_rms_norm_kernel,
+              F.linear_add_rms_norm_kernel, F.linear_qk_rms_norm_kernel, F.linear_kernel,
+              F.moe_gate_up_kernel):
+        assert ll.pdl_kwargs(k, cuda) == {"PDL": True, "launch_pdl": True}, k
+    assert ll.pdl_kwargs(route_topk_kernel, cuda) == {}
+    assert ll.pdl_kwargs(K.all_reduce_kernel, torch.device("cpu")) == {}

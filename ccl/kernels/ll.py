@@ -67,6 +67,8 @@ of integer operations per element on a device.
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -130,18 +132,24 @@ def pdl_kwargs(kernel, device) -> dict:
     """Launch keywords for programmatic dependent launch of ``kernel`` on ``device``:
     ``PDL`` (the kernel's constexpr, see ``await_prior_kernel``) and Triton's ``launch_pdl``,
     when CCL_PDL=1, the device is a CUDA GPU of compute capability 9 or newer (not ROCm) and
-    the kernel takes ``PDL``; else none. Opt-in until measured on two GPUs."""
-    import os
-
-    if os.environ.get("CCL_PDL", "0") != "1" or getattr(device, "type", None) != "cuda":
+    the kernel takes ``PDL``; else none. Opt-in until measured on two GPUs. (Called per
+    launch: the device answer is cached.)"""
+    if getattr(device, "type", None) != "cuda" or not _pdl_device(device.index):
         return {}
     if "PDL" not in getattr(kernel, "arg_names", ()):
         return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(index) -> bool:
+    import os
+
+    if os.environ.get("CCL_PDL", "0") != "1":
+        return False
     import torch
 
-    if torch.version.hip or torch.cuda.get_device_capability(device)[0] < 9:
-        return {}
-    return {"PDL": True, "launch_pdl": True}
+    return not torch.version.hip and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 # ----------------------------------------------------------------------------- packet fields

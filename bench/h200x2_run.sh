@@ -20,6 +20,10 @@
 #   blocks       gpu_validate with 256- and 1024-word all-reduce programs
 #   sweep        gpu_validate's sweep of all-reduce program shapes and poll variants (and of
 #                the fused norm's chunks), vs NCCL
+#   s7           the session-7 opt-ins against the defaults, each validated then timed:
+#                gpu_validate with CCL_DEVICE_NORM_ROWWIDE=1 and with CCL_PDL=1 (own folders),
+#                gpu_fused_linear with the handoff variants default,direct,direct_split2,
+#                direct_split8, and decode_step with CCL_PDL=1
 # DECODE_ARGS adds decode_step options (e.g. --profile).
 # FUSED_VARIANTS overrides the fused step's variants (e.g. default,split1,split2,split4, or
 # counter,direct,direct_split2 for the handoff A/B).
@@ -108,5 +112,21 @@ if want sweep; then
     timeout 300 python3 bench/gpu_validate.py --out "$OUT/sweep" --quick --sweep \
         --skip eager,graph,mismatch,timing,timeout --timeout 30 >>"$log" 2>&1 \
         || say "gpu_validate sweep rc=$?"
+fi
+if want s7; then
+    for knob in CCL_DEVICE_NORM_ROWWIDE CCL_PDL; do
+        say "s7: gpu_validate, $knob=1"
+        mkdir -p "$OUT/$knob"
+        env "$knob=1" timeout 200 python3 bench/gpu_validate.py --out "$OUT/$knob" --quick \
+            --algos one_shot --timeout 30 --checked-replays 200000 --skip mismatch \
+            >>"$log" 2>&1 || say "gpu_validate ($knob) rc=$?"
+    done
+    say "s7: fused linear handoff A/B"
+    timeout 200 python3 bench/gpu_fused_linear.py --out "$OUT" --timeout 190 \
+        --variants default,direct,direct_split2,direct_split8 --tag handoff >>"$log" 2>&1 \
+        || say "gpu_fused_linear rc=$?"
+    say "s7: decode step, CCL_PDL=1"
+    CCL_PDL=1 timeout 200 python3 bench/decode_step.py --device cuda --full --timeout 190 \
+        --json "$OUT/h200x2-decode-step-pdl.json" >>"$log" 2>&1 || say "decode_step rc=$?"
 fi
 say "done"

@@ -55,9 +55,9 @@ say "installing mailbox-ccl (editable) into $VENV"
 "${PIP[@]}" --no-build-isolation --no-deps -C "build-dir=build/vllm-{wheel_tag}" -e .
 "$VENV/bin/python" -c "import ccl._C, ccl_vllm" || { say "FAIL: ccl / ccl_vllm do not import in $VENV"; exit 1; }
 
-# Three runs: the default plugin (all-reduce + add + RMSNorm fused), then with the
-# row-parallel GEMVs fused too (CCL_VLLM_FUSE_GEMV=1, opt-in), then a tiny Mixtral (expert
-# blocks fused as well). Each must give the CCL_VLLM=0 tokens.
+# Four runs: the default plugin (all-reduce + add + RMSNorm fused), then with the
+# row-parallel GEMVs fused too (CCL_VLLM_FUSE_GEMV=1, opt-in), then a tiny Mixtral and a tiny
+# MiniMax-M2 (expert blocks fused as well). Each must give the CCL_VLLM=0 tokens.
 # shellcheck disable=SC2086  # CCL_VLLM_E2E_ARGS is a list of arguments
 timeout -k 30 "${CCL_VLLM_E2E_TIMEOUT:-1800}" \
   "$VENV/bin/python" integrations/vllm/e2e_tiny_llama.py --compare ${CCL_VLLM_E2E_ARGS:-}
@@ -67,6 +67,11 @@ CCL_VLLM_FUSE_GEMV=1 timeout -k 30 "${CCL_VLLM_E2E_TIMEOUT:-1800}" \
   "$VENV/bin/python" integrations/vllm/e2e_tiny_llama.py --compare ${CCL_VLLM_E2E_ARGS:-}
 say "a tiny Mixtral (MoE): each expert block's all-reduce moves into the next norm too"
 # shellcheck disable=SC2086
-exec timeout -k 30 "${CCL_VLLM_E2E_TIMEOUT:-1800}" \
+timeout -k 30 "${CCL_VLLM_E2E_TIMEOUT:-1800}" \
   "$VENV/bin/python" integrations/vllm/e2e_tiny_llama.py --compare --arch mixtral \
+  --max-tokens 16 --reps 3 ${CCL_VLLM_E2E_ARGS:-}
+say "a tiny MiniMax-M2 (the decode benchmark's layout: MoE blocks, TP Q/K norm)"
+# shellcheck disable=SC2086
+exec timeout -k 30 "${CCL_VLLM_E2E_TIMEOUT:-1800}" \
+  "$VENV/bin/python" integrations/vllm/e2e_tiny_llama.py --compare --arch minimax_m2 \
   --max-tokens 16 --reps 3 ${CCL_VLLM_E2E_ARGS:-}

@@ -58,7 +58,9 @@ PROMPTS = [
 def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0, arch: str = "llama") -> None:
     """Create a random 2-layer Llama (hidden 256, 4 heads x 64) and save it to out_dir;
     ``arch="mixtral"``: the same with a Mixtral MoE block (4 experts of 256, top-2) in place
-    of each MLP."""
+    of each MLP; ``arch="minimax_m2"``: MiniMax-M2's layout (the decode benchmark's model:
+    MoE blocks, 4 experts of 256, top-2, with a routing bias; Q/K RMSNorm over the whole
+    tensor-parallel q / k, 2 KV heads; partial rotary)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -66,6 +68,11 @@ def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0, arch: str = "llama
     config_cls, model_cls, extra = LlamaConfig, LlamaForCausalLM, {}
     if arch == "mixtral":
         config_cls, model_cls = MixtralConfig, MixtralForCausalLM
+        extra = dict(num_local_experts=4, num_experts_per_tok=2)
+    elif arch == "minimax_m2":
+        from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+        config_cls, model_cls = MiniMaxM2Config, MiniMaxM2ForCausalLM
         extra = dict(num_local_experts=4, num_experts_per_tok=2)
     cfg = config_cls(
         **extra,
@@ -84,8 +91,15 @@ def build_tiny_llama(out_dir: str, dtype: str, seed: int = 0, arch: str = "llama
         pad_token_id=0,
         dtype=dtype,  # written into config.json
     )
-    if arch == "mixtral":
+    if arch in ("mixtral", "minimax_m2"):
         cfg.intermediate_size = 256
+    if arch == "minimax_m2":
+        # what vLLM's MiniMaxM2 reads beyond transformers' config (MiniMax-M2's own values
+        # but the rotary width; the routing bias is in transformers' checkpoint)
+        cfg.num_key_value_heads = 2
+        cfg.rotary_dim = 32
+        cfg.scoring_func = "softmax"  # (vLLM's CPU router takes only softmax; the model sigmoid)
+        cfg.use_routing_bias = True
     model = model_cls(cfg)
     # transformers' init is small (std 0.02): scale up so that greedy decoding is not the
     # same token everywhere.
@@ -457,8 +471,8 @@ def compare(args) -> int:
         if s.get("communicator") != "CclCpuCommunicator":
             failures.append(f"rank {s.get('rank')}: communicator is {s.get('communicator')}")
         fused_any = c.get("fused", 0) + c.get("fused_gemv", 0)
-        # mixtral: every expert block's all-reduce moved into the next norm too
-        moe_ok = args.arch != "mixtral" or (c.get("moe_pairs", 0) > 0) == expect_fused
+        # MoE models: every expert block's all-reduce moved into the next norm too
+        moe_ok = args.arch == "llama" or (c.get("moe_pairs", 0) > 0) == expect_fused
         if (c.get("mailbox_all_reduce", 0) <= 0 or (fused_any > 0) != expect_fused
                 or (c.get("fused_gemv", 0) > 0) != expect_gemv
                 or c.get("fused_gemv_fallback", 0) > 0 or not moe_ok):
@@ -497,9 +511,9 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="model dtype (default: float32 with --compare, else bfloat16)")
     ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--arch", default="llama", choices=["llama", "mixtral"],
-                    help="tiny model: Llama, or Mixtral (MoE blocks: the plugin also moves "
-                         "each expert block's all-reduce into the next norm)")
+    ap.add_argument("--arch", default="llama", choices=["llama", "mixtral", "minimax_m2"],
+                    help="tiny model: Llama, Mixtral or MiniMax-M2 (MoE blocks: the plugin "
+                         "also moves each expert block's all-reduce into the next norm)")
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="tokens per prompt (default 32 with --compare, else 16)")
     ap.add_argument("--reps", type=int, default=None,

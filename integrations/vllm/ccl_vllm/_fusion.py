@@ -23,9 +23,9 @@ vLLM forward code, and survives vLLM's CPU compile (Dynamo reads ``reduce_result
 traces the swapped ``forward``; the op is a registered torch op).
 
 Which models: those whose model and decoder-layer ``forward`` are in :data:`MODEL_FORWARDS`
-and :data:`LAYER_FORWARDS` (vLLM 0.32: Llama, Mistral, Qwen2, Qwen3, Mixtral and everything
-vLLM maps onto them) — read from the source: they pass the row-parallel / expert outputs
-straight to those norms. MoE blocks qualify when the runner would all-reduce its combined
+and :data:`LAYER_FORWARDS` (vLLM 0.32: Llama, Mistral, Qwen2, Qwen3, Mixtral, MiniMax-M2 and
+everything vLLM maps onto them) — read from the source: they pass the row-parallel / expert
+outputs straight to those norms. MoE blocks qualify when the runner would all-reduce its combined
 output itself at the end (tensor parallel only: no expert / data / sequence parallelism, no
 all2all kernels, no shared experts, no kernel that reduces in place).
 Anything else is left alone (the all-reduce routing still applies). Also left alone: LoRA,
@@ -61,6 +61,8 @@ MODEL_FORWARDS = {
     f"{_MODELS}.mistral.MistralModel.forward",
     f"{_MODELS}.qwen2.Qwen2Model.forward",  # Qwen3Model inherits it
     f"{_MODELS}.mixtral.MixtralModel.forward",
+    # (its layer loop also hands hidden states to EAGLE-3, which stays unfused anyway)
+    f"{_MODELS}.minimax_m2.MiniMaxM2Model.forward",
 }
 #: Decoder-layer ``forward``\\ s of the form: ``input_layernorm(h, residual)``; self_attn (ends
 #: in o_proj); ``post_attention_layernorm(h, residual)``; mlp (ends in down_proj) or the
@@ -71,6 +73,7 @@ LAYER_FORWARDS = {
     f"{_MODELS}.qwen2.Qwen2DecoderLayer.forward",
     f"{_MODELS}.qwen3.Qwen3DecoderLayer.forward",
     f"{_MODELS}.mixtral.MixtralDecoderLayer.forward",
+    f"{_MODELS}.minimax_m2.MiniMaxM2DecoderLayer.forward",
 }
 
 

@@ -121,6 +121,11 @@ def test_fake_impls_run_under_fake_tensor_mode():
             torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(256, 64, dtype=torch.bfloat16),
             r, w, 1e-5, 12345)
         assert lin.shape == r.shape and lin.dtype == r.dtype
+        q, k = torch.ops.ccl.qk_rms_norm(torch.empty(3, 48 + 64, dtype=torch.bfloat16),
+                                         torch.empty(48, dtype=torch.bfloat16),
+                                         torch.empty(32, dtype=torch.bfloat16), 48, 32, 2,
+                                         1e-5, 12345)
+        assert q.shape == (3, 48) and k.shape == (3, 32) and q.dtype == torch.bfloat16
 
 
 def _native_add_rms_norm(x_sum, residual, weight, eps):
@@ -242,6 +247,58 @@ class _FakeRMSNorm(nn.Module):
         return _native_add_rms_norm(x, residual, self.weight.data, self.variance_epsilon)
 
 
+class MiniMaxText01RMSNormTP(nn.Module):
+    """Stand-in for vLLM's MiniMax-M2 TP norm: the attributes the hook reads and a static
+    ``forward_qkv`` that must not run for a norm the plugin marked."""
+
+    calls = 0
+
+    def __init__(self, weight, tp_world):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        self.tp_world = tp_world
+        self.variance_epsilon = 1e-5
+
+    @staticmethod
+    def forward_qkv(q_norm, k_norm, qkv, q_size, kv_size):
+        MiniMaxText01RMSNormTP.calls += 1
+        return "vllm", q_size, kv_size
+
+
+_FakeQKNorm = MiniMaxText01RMSNormTP
+
+
+def test_qk_hook_routes_only_marked_norms():
+    """fuse_qk_norms' hook: marked norms go to ccl::qk_rms_norm (here the fallback of a
+    world of one: vLLM's eager math), unmarked ones to vLLM's own method; hooked once."""
+    class _Norm(MiniMaxText01RMSNormTP):
+        pass
+
+    _Norm.__name__ = "MiniMaxText01RMSNormTP"
+    _Norm.forward_qkv = staticmethod(MiniMaxText01RMSNormTP.__dict__["forward_qkv"].__func__)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(4, 16 + 2 * 8, generator=g)
+    qw, kw = torch.rand(16, generator=g) + 0.5, torch.rand(8, generator=g) + 0.5
+    qn, kn = _Norm(qw, 1), _Norm(kw, 1)
+    _fusion._hook_minimax_qk(_Norm)
+    hooked = _Norm.forward_qkv
+    _fusion._hook_minimax_qk(_Norm)
+    assert _Norm.forward_qkv is hooked  # once
+    before = MiniMaxText01RMSNormTP.calls
+    assert _Norm.forward_qkv(qn, kn, qkv, 16, 8) == ("vllm", 16, 8)  # not marked
+    assert MiniMaxText01RMSNormTP.calls == before + 1
+    qn._ccl_qk_handle = _single_rank_handle()
+    c0 = dict(_ops._counts)
+    q, k, v = _Norm.forward_qkv(qn, kn, qkv, 16, 8)
+    assert MiniMaxText01RMSNormTP.calls == before + 1
+    assert _ops._counts["qk_fallback"] == c0["qk_fallback"] + 1
+    var_q = qkv[:, :16].pow(2).mean(-1, keepdim=True)
+    var_k = qkv[:, 16:24].pow(2).mean(-1, keepdim=True)
+    assert bits_equal(q, qkv[:, :16] * torch.rsqrt(var_q + 1e-5) * qw)
+    assert bits_equal(k, qkv[:, 16:24] * torch.rsqrt(var_k + 1e-5) * kw)
+    assert bits_equal(v, qkv[:, 24:])
+
+
 def _rank_ops(ctx, seed, dtype_name):
     import torch.distributed as dist
 
@@ -299,6 +356,29 @@ def _rank_ops(ctx, seed, dtype_name):
     x5, r5 = norm(xs[ctx.rank], res.clone())
     assert bits_equal(x5, x4) and bits_equal(r5, r4)
     norm._ccl_gemv_weight = None
+    # MiniMax-M2's TP Q/K norm: the q / k slices of each rank's fused qkv, normalised over
+    # every rank's width (ccl.qk_rms_norm), directly and through the hooked class method
+    qs, kvs = 48, 32
+    qkvs = [gen(seed, ("qkv", r), (3, qs + 2 * kvs), dtype) for r in range(ctx.world)]
+    qw = gen(seed, ("qw", ctx.rank), (qs,), dtype, scale=0.5) + 1
+    kw = gen(seed, ("kw", ctx.rank), (kvs,), dtype, scale=0.5) + 1
+    ssq = sum(p[:, :qs].float().pow(2).sum(-1) for p in qkvs)
+    ssk = sum(p[:, qs:qs + kvs].float().pow(2).sum(-1) for p in qkvs)
+    mine = qkvs[ctx.rank]
+    want_q = (mine[:, :qs].float() * torch.rsqrt(ssq / (qs * ctx.world) + 1e-5)[:, None]
+              * qw.float())
+    want_k = (mine[:, qs:qs + kvs].float()
+              * torch.rsqrt(ssk / (kvs * ctx.world) + 1e-5)[:, None] * kw.float())
+    q6, k6 = torch.ops.ccl.qk_rms_norm(mine, qw, kw, qs, kvs, ctx.world, 1e-5, h)
+    assert first_diff(q6, want_q.to(dtype), **tol(dtype)) is None, \
+        first_diff(q6, want_q.to(dtype))
+    assert first_diff(k6, want_k.to(dtype), **tol(dtype)) is None
+    qn, kn = _FakeQKNorm(qw, ctx.world), _FakeQKNorm(kw, ctx.world)
+    _fusion._hook_minimax_qk(MiniMaxText01RMSNormTP)
+    qn._ccl_qk_handle = h
+    q7, k7, v7 = MiniMaxText01RMSNormTP.forward_qkv(qn, kn, mine, qs, kvs)
+    assert bits_equal(q7, q6) and bits_equal(k7, k6) and bits_equal(v7, mine[:, qs + kvs:])
+    # (q / k stay shards: each rank's differ, so they are not in the cross-rank check)
     # fused op over capacity -> fallback all-reduce + vLLM native math (bitwise)
     parts = [gen(seed, ("xb", r), (4, 1024), dtype) for r in range(ctx.world)]
     res = gen(seed, "resb", (4, 1024), dtype)
@@ -328,7 +408,8 @@ def test_ops_on_two_ranks(pools, seed, dtype_name):
         assert bits_equal(t, out1[name]), f"{name} differs across ranks"
     assert delta0 == delta1 == {"mailbox_all_reduce": 2, "fallback_all_reduce": 1, "fused": 2,
                                 "fused_fallback": 1, "rewired_pairs": 0, "fused_gemv": 2,
-                                "fused_gemv_fallback": 0, "gemv_pairs": 0, "moe_pairs": 0}, delta0
+                                "fused_gemv_fallback": 0, "gemv_pairs": 0, "moe_pairs": 0,
+                                "qk_fused": 2, "qk_fallback": 0, "qk_layers": 0}, delta0
 
 
 class _FakeDeviceCommunicator:

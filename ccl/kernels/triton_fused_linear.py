@@ -97,7 +97,8 @@ AUX_WORDS = 16 + MAX_ROWS
 OP_LINEAR_ADD_RMS_NORM = 5  # header op code (1..4 are triton_mailbox's / the host's)
 OP_LINEAR_QK_RMS_NORM = 7  # (6: the MoE variant of 5, host side)
 FLAG_RESIDUAL, FLAG_GEMMA, FLAG_INT4, FLAG_MOE = 0x01, 0x02, 0x10, 0x20
-FLAG_DIRECT = 0x08  # the direct handoff: ranks on different handoffs would add the residual twice or never
+# the direct handoff (ranks on different handoffs would add the residual twice or never)
+FLAG_DIRECT = 0x08
 
 
 @triton.jit

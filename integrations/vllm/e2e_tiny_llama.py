@@ -471,8 +471,12 @@ def compare(args) -> int:
         if s.get("communicator") != "CclCpuCommunicator":
             failures.append(f"rank {s.get('rank')}: communicator is {s.get('communicator')}")
         fused_any = c.get("fused", 0) + c.get("fused_gemv", 0)
-        # MoE models: every expert block's all-reduce moved into the next norm too
+        # MoE models: every expert block's all-reduce moved into the next norm too;
+        # MiniMax-M2: every attention layer's TP Q/K norm runs as ccl.qk_rms_norm
         moe_ok = args.arch == "llama" or (c.get("moe_pairs", 0) > 0) == expect_fused
+        qk_ok = args.arch != "minimax_m2" or (
+            (c.get("qk_fused", 0) > 0) == expect_fused and c.get("qk_fallback", 0) == 0)
+        moe_ok = moe_ok and qk_ok
         if (c.get("mailbox_all_reduce", 0) <= 0 or (fused_any > 0) != expect_fused
                 or (c.get("fused_gemv", 0) > 0) != expect_gemv
                 or c.get("fused_gemv_fallback", 0) > 0 or not moe_ok):

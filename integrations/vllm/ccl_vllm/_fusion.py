@@ -51,7 +51,8 @@ from ccl_vllm import _ops
 
 logger = logging.getLogger("vllm.ccl_vllm")
 
-__all__ = ["LAYER_FORWARDS", "MODEL_FORWARDS", "FusedPair", "fuse_model"]
+__all__ = ["LAYER_FORWARDS", "MODEL_FORWARDS", "FusedPair", "fuse_model",
+           "fuse_qk_norms"]
 
 _MODELS = "vllm.model_executor.models"
 #: ``forward``\\ s (module.qualname) of models whose layers run in ``model.layers`` order and end
@@ -284,6 +285,60 @@ def _pass_through_cls(base: type) -> type:
             "forward": forward, "__module__": __name__, "__qualname__": name,
             "__doc__": f"{base.__name__} whose GEMV runs in the paired norm (ccl)."})
     return cls
+
+
+def _qk_norm_layers(model) -> list:
+    """The attention modules of ``model`` whose Q/K norms are MiniMax-M2's tensor-parallel
+    ``MiniMaxText01RMSNormTP`` pair (vLLM applies them through the class's static
+    ``forward_qkv``), in layer order; [] for other models."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    out = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if all(type(n).__name__ == "MiniMaxText01RMSNormTP" for n in (qn, kn)):
+            out.append(attn)
+    return out
+
+
+def _hook_minimax_qk(norm_cls: type) -> None:
+    """Routes ``norm_cls.forward_qkv`` (MiniMaxText01RMSNormTP's static method: one call
+    per attention layer, q / k normalised over the whole tensor-parallel width) to
+    ``ccl::qk_rms_norm`` for the norms :func:`fuse_model` marked with a ccl handle; every
+    other call, and every call before marking, runs vLLM's own method. Once per process."""
+    original = norm_cls.__dict__["forward_qkv"].__func__
+    if getattr(original, "_ccl_hook", False):
+        return
+
+    def forward_qkv(q_norm, k_norm, qkv, q_size, kv_size):
+        handle = getattr(q_norm, "_ccl_qk_handle", None)
+        if (handle is None or qkv.dim() != 2
+                or q_norm.variance_epsilon != k_norm.variance_epsilon):
+            return original(q_norm, k_norm, qkv, q_size, kv_size)
+        q, k = torch.ops.ccl.qk_rms_norm(qkv, q_norm.weight, k_norm.weight, q_size, kv_size,
+                                         q_norm.tp_world, q_norm.variance_epsilon, handle)
+        return q, k, qkv[:, q_size + kv_size:q_size + 2 * kv_size]  # (vLLM's split's v)
+
+    forward_qkv._ccl_hook = True
+    norm_cls.forward_qkv = staticmethod(forward_qkv)
+
+
+def fuse_qk_norms(model, handle: int, vllm_config=None) -> int:
+    """fuse_qk_norms(model, handle, vllm_config=None) -> number of attention layers
+
+    MiniMax-M2: each attention layer's tensor-parallel Q/K RMSNorm (vLLM: a variance kernel,
+    an all-reduce of ``[T, 2]``, an apply kernel) becomes one ``ccl::qk_rms_norm`` on TP
+    group ``handle``. Other models: 0, nothing changed. Local."""
+    attns = _qk_norm_layers(model) if _config_reason(vllm_config) is None else []
+    if not attns or getattr(attns[0].q_norm, "tp_world", 1) <= 1:
+        return 0
+    _hook_minimax_qk(type(attns[0].q_norm))
+    for attn in attns:
+        attn.q_norm._ccl_qk_handle = handle
+    _ops._counts["qk_layers"] += len(attns)
+    logger.info("ccl_vllm: tensor-parallel Q/K RMSNorm through ccl.qk_rms_norm for %d "
+                "attention layers of %s", len(attns), type(model).__name__)
+    return len(attns)
 
 
 def fuse_model(model, handle: int, vllm_config=None, gemv: bool = False) -> int:

@@ -41,6 +41,7 @@ __all__ = [
     "all_reduce_",
     "all_reduce_add_rms_norm_",
     "linear_all_reduce_add_rms_norm",
+    "qk_rms_norm",
     "remove_communicator",
     "stats",
     "write_stats",
@@ -60,6 +61,9 @@ _counts = {
     "fused_gemv_fallback": 0,  # ... run as F.linear + vLLM all-reduce + native add + RMSNorm
     "gemv_pairs": 0,  # pairs whose GEMV moved into the norm at model load
     "moe_pairs": 0,  # of rewired_pairs: fused-MoE blocks whose all-reduce moved into the norm
+    "qk_fused": 0,  # ccl::qk_rms_norm carried by ccl's fused TP Q/K norm
+    "qk_fallback": 0,  # ... run as vLLM all-reduce of the variances + native math
+    "qk_layers": 0,  # attention layers whose TP Q/K norm moved onto ccl at model load
 }
 
 
@@ -224,6 +228,47 @@ def linear_all_reduce_add_rms_norm(
     return y
 
 
+def qk_rms_norm(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, q_size: int,
+    kv_size: int, tp_world: int, eps: float, handle: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_rms_norm(qkv, q_weight, k_weight, q_size, kv_size, tp_world, eps, handle) -> (q, k)
+
+    MiniMax-M2's tensor-parallel Q/K RMSNorm of a fused ``qkv`` ``[T, q_size + 2 kv_size]``
+    (this rank's shard): ``q = q * rsqrt(mean over every rank's q columns of q² + eps) *
+    q_weight`` per token, k likewise; fresh tensors. Through ccl: ``Communicator.qk_rms_norm``
+    (the per-token sums of squares all-reduced inside the op, fp32 math). Through the fallback:
+    vLLM's eager math (local mean of squares in fp32, vLLM's all-reduce of ``[T, 2]``, divided
+    by ``tp_world``). This is a collective operation."""
+    e = _entry(handle)
+    comm = e.comm
+    q = qkv[:, :q_size]
+    k = qkv[:, q_size:q_size + kv_size]
+    if (
+        comm is not None
+        and qkv.dim() == 2
+        and qkv.numel() > 0
+        and qkv.dtype in _DTYPES
+        and (qkv.is_cpu if e.host else qkv.device.type == e.device_type)
+        and qkv.stride(-1) == 1
+        and q_weight.dtype == qkv.dtype
+        and k_weight.dtype == qkv.dtype
+    ):
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        comm.qk_rms_norm(q, k, q_weight, k_weight, eps, q_out=q_out, k_out=k_out)
+        _counts["qk_fused"] += 1
+        return q_out, k_out
+    qf, kf = q.to(torch.float32), k.to(torch.float32)
+    var = torch.cat([qf.pow(2).mean(dim=-1, keepdim=True),
+                     kf.pow(2).mean(dim=-1, keepdim=True)], dim=-1).contiguous()
+    e.fallback(var)
+    var = var / tp_world
+    q_out = (qf * torch.rsqrt(var[:, :1] + eps) * q_weight).to(qkv.dtype)
+    k_out = (kf * torch.rsqrt(var[:, 1:] + eps) * k_weight).to(qkv.dtype)
+    _counts["qk_fallback"] += 1
+    return q_out, k_out
+
+
 def add_rms_norm_native_(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> None:
@@ -255,6 +300,11 @@ _lib.define(
 )
 _lib.impl("linear_all_reduce_add_rms_norm", linear_all_reduce_add_rms_norm,
           "CompositeExplicitAutograd")
+_lib.define(
+    "qk_rms_norm(Tensor qkv, Tensor q_weight, Tensor k_weight, int q_size, int kv_size, "
+    "int tp_world, float eps, int handle) -> (Tensor, Tensor)"
+)
+_lib.impl("qk_rms_norm", qk_rms_norm, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("ccl::all_reduce_", lib=_lib)
@@ -270,6 +320,12 @@ def _all_reduce_add_rms_norm_fake(x, residual, weight, eps, handle):
 @torch.library.register_fake("ccl::linear_all_reduce_add_rms_norm", lib=_lib)
 def _linear_all_reduce_add_rms_norm_fake(x, weight, residual, norm_weight, eps, handle):
     return torch.empty_like(residual)
+
+
+@torch.library.register_fake("ccl::qk_rms_norm", lib=_lib)
+def _qk_rms_norm_fake(qkv, q_weight, k_weight, q_size, kv_size, tp_world, eps, handle):
+    t = qkv.shape[0]
+    return qkv.new_empty((t, q_size)), qkv.new_empty((t, kv_size))
 
 
 # ---------------------------------------------------------------------- counters

@@ -96,6 +96,7 @@ def _maybe_fuse(model, vllm_config) -> int:
             getattr(comm, "_ccl_off_reason", None) or type(comm).__name__,
         )
         return 0
+    _fusion.fuse_qk_norms(model, comm._ccl_handle, vllm_config)
     return _fusion.fuse_model(model, comm._ccl_handle, vllm_config, gemv=_gemv_enabled())
 
 

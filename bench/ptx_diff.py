@@ -27,11 +27,14 @@ REPO = os.path.dirname(HERE)
 
 
 def normalized(ptx: str) -> str:
-    """PTX without what changes when only line numbers or paths do."""
+    """PTX without what changes when only line numbers, paths or the inlining of helpers
+    do (debug sections and their ``$L__tmp`` labels)."""
     keep = []
     for line in ptx.splitlines():
         s = line.strip()
         if s.startswith(("//", ".loc", ".file", ".section", "$L__debug", ".b8", ".b32", ".b64")):
+            continue
+        if s.startswith("$L__tmp") and s.endswith(":"):
             continue
         keep.append(s)
     return "\n".join(keep)

@@ -347,6 +347,41 @@ def _failed_flag(aux, BACKEND: tl.constexpr):
 
 
 @triton.jit
+def _sum_in_rank_order(words, wmask, own, failed, me, hop1_off, phase, slot_words, rank, my_hdr,
+                       flag, seq, limit, ctrl, aux, NW: tl.constexpr, WORLD: tl.constexpr,
+                       BACKEND: tl.constexpr, SPANS: tl.constexpr = False):
+    """fp32 sum in rank order 0..WORLD-1 of every source's packets at payload words
+    ``words`` (``wmask`` valid; any shape of ``NW`` elements) of its hop-1 slot in our region,
+    ours being ``own`` (no wait for it). A failed wait (peer missing, header mismatch) is
+    recorded once and sets ``aux[AUX_FAILED]``; ``failed`` (nonzero: skip the waits) comes in
+    and goes out. Returns (total, failed)."""
+    hl = tl.arange(0, HEADER_WORDS)
+    one = tl.full([], 1, tl.int64)
+    total = tl.zeros(own.shape, tl.float32)
+    for src in tl.static_range(WORLD):
+        is_me = rank == src
+        slot = me + hop1_off + (phase * WORLD + src) * slot_words
+        lim = tl.where(failed != 0, 0, limit)
+        # (_wait_peer reduces over one axis: it takes a tile flattened)
+        got, theirs, st = _wait_peer(
+            tl.reshape(slot + PAYLOAD_OFFSET + words, [NW]),
+            tl.reshape(ll.both(wmask, is_me == 0), [NW]), slot,
+            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, ctrl, BACKEND, SPANS,
+        )
+        got = tl.reshape(got, own.shape)
+        if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
+            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
+            tl.atomic_or(aux + AUX_FAILED, one)
+        failed = failed | (st != 0).to(tl.int32)
+        v = tl.where(is_me, own, ll.bits_to_f32(ll.data_of(got), 0))
+        if src == 0:
+            total = v
+        else:
+            total = total + v
+    return total, failed
+
+
+@triton.jit
 def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase, my_hdr,
                  hop1_off, slot_words, limit, res_ptr, sums, ssp, tile, n_tiles, failed_raw,
                  XDT: tl.constexpr, HAS_RES: tl.constexpr, WORLD: tl.constexpr,
@@ -360,8 +395,6 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
     (release: the epilogue acquires it before reading the scratch). ``failed_raw``: the
     ``_failed_flag`` the caller loaded before the GEMV (nonzero: an earlier tile failed, skip
     the waits)."""
-    hl = tl.arange(0, HEADER_WORDS)
-    one = tl.full([], 1, tl.int64)
     NW: tl.constexpr = acc.shape[0] * acc.shape[1]
     words = rows[:, None] * N + cols[None, :]
     rmask = rows < M
@@ -379,27 +412,9 @@ def _tile_reduce(acc, rows, cols, M, N, flag, seq, table, ctrl, aux, rank, phase
     me = _ptr(table, rank)
     # it decides the waits' bounds (a spin loop's exit): the same value in every warp
     failed = ll.all_warps_max(failed_raw)
-    total = tl.zeros(acc.shape, tl.float32)
-    for src in tl.static_range(WORLD):
-        is_me = rank == src
-        slot = me + hop1_off + (phase * WORLD + src) * slot_words
-        lim = tl.where(failed != 0, 0, limit)
-        # (_wait_peer reduces over one axis: it takes the tile flattened)
-        got, theirs, st = _wait_peer(
-            tl.reshape(slot + PAYLOAD_OFFSET + words, [NW]),
-            tl.reshape(ll.both(wmask, is_me == 0), [NW]), slot,
-            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, ctrl, BACKEND,
-        )
-        got = tl.reshape(got, acc.shape)
-        if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
-            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
-            tl.atomic_or(aux + AUX_FAILED, one)
-        failed = failed | (st != 0).to(tl.int32)
-        v = tl.where(is_me, acc, ll.bits_to_f32(ll.data_of(got), 0))
-        if src == 0:
-            total = v
-        else:
-            total = total + v
+    total, failed = _sum_in_rank_order(words, wmask, acc, failed, me, hop1_off, phase,
+                                       slot_words, rank, my_hdr, flag, seq, limit, ctrl, aux,
+                                       NW, WORLD, BACKEND)
     if HAS_RES:
         total = total + res
     tl.store(sums + words, total, mask=wmask)
@@ -465,24 +480,9 @@ def _epilogue_direct(row, part, c0, chunk, M, N, eps, flag, seq, table, ctrl, au
         tl.atomic_or(aux + AUX_FAILED, one)
     failed = failed | (st != 0).to(tl.int32)
     own = ll.bits_to_f32(ll.data_of(got), 0)
-    total = tl.zeros([EPI_BLOCK], tl.float32)
-    for src in tl.static_range(WORLD):
-        is_me = rank == src
-        slot = me + hop1_off + (phase * WORLD + src) * slot_words
-        lim = tl.where(failed != 0, 0, limit)
-        got, theirs, st = _wait_peer(
-            slot + PAYLOAD_OFFSET + words, ll.both(cm, is_me == 0), slot,
-            ll.both(hl < HEADER_WORDS, is_me == 0), my_hdr, flag, lim, ctrl, BACKEND, SPANS,
-        )
-        if (st != 0) & (failed == 0):  # uniform branch: no bookkeeping on the fast path
-            _record_hop1_failure(ctrl, src, rank, st, theirs, my_hdr, seq)
-            tl.atomic_or(aux + AUX_FAILED, one)
-        failed = failed | (st != 0).to(tl.int32)
-        v = tl.where(is_me, own, ll.bits_to_f32(ll.data_of(got), 0))
-        if src == 0:
-            total = v
-        else:
-            total = total + v
+    total, failed = _sum_in_rank_order(words, cm, own, failed, me, hop1_off, phase, slot_words,
+                                       rank, my_hdr, flag, seq, limit, ctrl, aux, EPI_BLOCK,
+                                       WORLD, BACKEND, SPANS)
     # the norm weight is loaded here, not before the polls: it would hold registers across
     # them in every program of the launch (tiles included), and its latency hides behind the
     # siblings' exchange or the sum of squares

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_moe import _time_graph  # noqa: E402  (same timing method as the MoE bench)
+from gpu_moe import _device_and_seed, _time_graph  # noqa: E402  (the MoE bench's)
 
 CASES = ("bf16_M1", "int4_M1", "bf16_M8", "int4_M8")
 
@@ -68,13 +68,10 @@ def main(argv=None) -> int:
 
     from ccl.fused_linear import Int4Weights, device_linear_partial, gemv_tiles
 
-    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-        print("gpu_gemv: SKIPPED, no CUDA device (--small with TRITON_INTERPRET=1 runs the "
-              "interpreter)", file=sys.stderr)
+    setup = _device_and_seed(torch, "gpu_gemv", args.seed)
+    if setup is None:
         return 0
-    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator(device=dev).manual_seed(seed)
+    dev, seed, g = setup
     k, n, gs = (64, 48, 32) if args.small else (3072 // args.world, 3072, 128)
     copies = 2 if args.small else args.copies
     bf = torch.bfloat16

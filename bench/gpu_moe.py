@@ -66,6 +66,18 @@ def _time_graph(torch, calls, inner, rounds):
     return statistics.median(times), min(times)
 
 
+def _device_and_seed(torch, bench: str, seed):
+    """(device, seed, generator) of a one-GPU bench: CUDA device 0, or the CPU under
+    TRITON_INTERPRET=1 (a smoke run); None, having said so, when neither is there."""
+    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        print(f"{bench}: SKIPPED, no CUDA device (--small with TRITON_INTERPRET=1 runs the "
+              "interpreter)", file=sys.stderr)
+        return None
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    return dev, seed, torch.Generator(device=dev).manual_seed(seed)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=int, default=2, help="TP ranks the shard is cut for")
@@ -86,13 +98,10 @@ def main(argv=None) -> int:
 
     from ccl.fused_linear import Int4Weights, device_linear_partial, device_moe_gate_up
 
-    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-        print("gpu_moe: SKIPPED, no CUDA device (--small with TRITON_INTERPRET=1 runs the "
-              "interpreter)", file=sys.stderr)
+    setup = _device_and_seed(torch, "gpu_moe", args.seed)
+    if setup is None:
         return 0
-    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator(device=dev).manual_seed(seed)
+    dev, seed, g = setup
     hdim, inter, e, topk, gs = (256, 128, 16, 8, 128) if args.small else \
         (3072, 1536 // args.world, 256, 8, 128)
     bf = torch.bfloat16

@@ -270,7 +270,6 @@ class DeviceMailbox:
         #: writes its chunk (no sum-of-squares exchange after the peers' words arrive);
         #: CCL_DEVICE_NORM_ROWWIDE=1, opt-in until measured on two GPUs (session 7)
         self.norm_rowwide = os.environ.get("CCL_DEVICE_NORM_ROWWIDE", "0") == "1"
-
         # Test/bench hook: ops compile their kernel variant (Triton cache) and launch nothing.
         self._compile_only = False
         #: Two-shot on CUDA: its session-1/2 wrong 16-bit results were the per-warp spin exits
@@ -497,21 +496,22 @@ class DeviceMailbox:
             | (_FLAG_TWO_SHOT if two else 0)
         )
         split = self._norm_split(rows, wpr)
-        rowwide = self.norm_rowwide and split > 1 and not two
+        # (row-wide: one "done reading" word per program follows the rows in our own slot)
+        rowwide = (self.norm_rowwide and split > 1 and not two
+                   and n_words + rows * _ROWWIDE_MAX_SPLIT <= self.layout.cap_words)
         if rowwide:
             split = min(split, _ROWWIDE_MAX_SPLIT)
-            if n_words + rows * split > self.layout.cap_words:  # (its words follow the rows)
-                split, rowwide = 1, False
-        if rowwide:
             flags |= _FLAG_ROWWIDE
         flags |= (split.bit_length() - 1) << _SPLIT_SHIFT
         h = self._header(_OP_ADD_RMS_NORM, code, flags, rows * cols, cols, eps)
         chunk = _cdiv(wpr, split)
         block = max(32, _next_pow2(wpr if rowwide else chunk))
         shard = _round_up((n_words + self.world_size - 1) // self.world_size, 8)
-        if split > 1 and not rowwide:  # two payload words per thread (session 5 sweep:
-            warps = max(1, min(8, block // 64))  # 256-word chunks, 4 warps: 1x4096 4.24 vs
-        else:  # 4.41 us with 2)
+        # split rows: two payload words per thread (session 5 sweep: 256-word chunks, 4 warps:
+        # 1x4096 4.24 vs 4.41 us with 2); a whole row in one program: up to 16 warps
+        if split > 1 and not rowwide:
+            warps = max(1, min(8, block // 64))
+        else:
             warps = max(4, min(16, block // 256))
         self._launch(
             K.add_rms_norm_kernel,

@@ -824,8 +824,8 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
     contiguous ``[M, N]``; ``epi_split``: epilogue programs per row (:func:`epilogue_split`;
     with the direct handoff, :func:`direct_split`); ``handoff``: "direct" / "counter" (None:
     CCL_FUSED_HANDOFF). Collective, asynchronous (``dm.raise_if_failed()``)."""
+    from ccl.kernels import ll
     from ccl.kernels import triton_fused_linear as F
-    from ccl.kernels.ll import backend_for as ll_backend_for
 
     state = _DEVICE_STATES.get(dm)
     if state is None:
@@ -844,19 +844,22 @@ def device_linear_add_rms_norm(dm, x, weight, quant, residual, norm_weight, eps,
         raise ValueError(f"rows of {n} elements exceed the fused epilogue's {_MAX_ROW}")
     flags = ((F.FLAG_RESIDUAL if residual is not None else 0) | (F.FLAG_GEMMA if gemma else 0)
              | (F.FLAG_INT4 if quant is not None else 0) | (F.FLAG_MOE if topk else 0))
+    if handoff not in (None, "direct", "counter"):
+        raise ValueError(f"handoff must be 'direct' or 'counter', got {handoff!r}")
     direct = (handoff or _env_handoff()) == "direct"
+    if direct:
+        interpreted = dm.backend == ll.BACKEND_INTERPRET.value
+        parts, chunk, block = epilogue_split(n, direct_split(n, interpreted, epi_split))
+        # the parts' sum-of-squares words follow the rows in our own slot; where they do not
+        # fit, the counter handoff (the same choice on every rank: same shapes)
+        direct = parts == 1 or m * n + 2 * m * parts <= dm.layout.cap_words
+    if not direct:
+        parts, chunk, block = epilogue_split(n, epi_split)
     flags |= F.FLAG_DIRECT if direct else 0
     h = ((F.OP_LINEAR_ADD_RMS_NORM << 24) | (code << 16) | flags, (m * n) & 0xFFFFFFFF,
          n & 0xFFFFFFFF, _f32_bits(eps))
     t = tiles or gemv_tiles(m, quant is not None, moe="down" if topk else None)
     n_tiles = (n + t.bn - 1) // t.bn
-    if direct:
-        interpreted = dm.backend == ll_backend_for("cpu")
-        parts, chunk, block = epilogue_split(n, direct_split(n, interpreted, epi_split))
-        if m * n + 2 * m * parts > dm.layout.cap_words:  # the parts' words follow the rows
-            parts, chunk, block = epilogue_split(n, 1)
-    else:
-        parts, chunk, block = epilogue_split(n, epi_split)
     # dm._launch: a compile-only mailbox (DeviceMailbox._compile_only) compiles and launches
     # nothing, so benches can compile every variant before any rank waits on a peer.
     dm._launch(

@@ -441,6 +441,10 @@ def _interp_worker(rank, world, store_path, seed, q):
         with pytest.raises(CollectiveMismatch, match="direct handoff"):
             mb.raise_if_failed()
         assert bool(out.isnan().all()), "outputs written despite a handoff mismatch"
+        with pytest.raises(ValueError, match="handoff"):  # refused before any collective
+            device_linear_add_rms_norm(mb, torch.ones(1, 16), torch.ones(16, 24), None, None,
+                                       torch.ones(24), EPS, out=out, residual_out=None,
+                                       handoff="fast")
         # the plain mailbox ops still work after (same sequence numbers and slots)
         x = torch.full((40,), float(rank + 1))
         mb.all_reduce(x)

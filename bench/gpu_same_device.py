@@ -6,7 +6,11 @@ and intra-launch waits as on two GPUs, with L2 in place of NVLink (so no timing 
 two-GPU runs, bench/h200x2_run.sh, time them).
 
 Checks, each with fresh random inputs and poisoned outputs, against a pure-torch fp32
-reference (bf16 outputs within 2 ulps) and bitwise equal across the two ranks:
+reference (bf16 outputs within 2 ulps) and bitwise equal across the two ranks where both hold
+the same result:
+
+* the all-reduce, one- and two-shot, fp32 and bf16, 8 B to 256 KB;
+* the TP Q/K RMSNorm at one rank of MiniMax-M2 (q 3072, k 512 columns, 8 tokens);
 
 * the fused all-reduce + residual + RMSNorm at 1x4096, 8x7168, 3x1000 (bf16, fp32), rows split
   over several programs as on CUDA by default (their sum-of-squares words in the own slot),
@@ -15,6 +19,10 @@ reference (bf16 outputs within 2 ulps) and bitwise equal across the two ranks:
   handoff, bf16 and INT4 weights, M = 1 and 8, every epilogue split, in place (residual_out
   aliasing the residual) and not;
 * the timeout path: rank 1 skips a call, rank 0 must raise CollectiveTimeout naming rank 1.
+
+GPU only: under the Triton interpreter a launch runs to its end before the call returns, so
+one process cannot hold both ranks, and the interpreter is not thread-safe (tried: two threads
+fail inside it); CI's interpreter tests run each rank in its own process instead.
 
 The counter handoff is not run here: its tile programs wait on the peer's tiles, and with
 both ranks' launches sharing one GPU's SMs the first launch's waiting tiles can keep the
@@ -91,8 +99,52 @@ def main(argv=None) -> int:
     def rand(shape, dtype, scale=1.0):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
 
-    # ---------------------------------------------------------------- fused norm
     int_view = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    # ---------------------------------------------------------------- all-reduce
+    for nbytes in (8, 1024, 8192, 16384, 65536, 262144):
+        for dtype in (torch.float32, torch.bfloat16):
+            for algo in ("one_shot", "two_shot"):
+                n = max(1, nbytes // (4 if dtype == torch.float32 else 2))
+                bad = cross = 0
+                for _ in range(max(4, args.iters // 5)):
+                    xs = [rand((n,), dtype) for _ in dms]
+                    ref = xs[0].float() + xs[1].float()
+                    outs = [torch.full_like(xs[0], float("nan")) for _ in dms]
+                    both(lambda k, dm: dm.all_reduce(xs[k], outs[k], algorithm=algo))
+                    bad += sum(_mismatch(o, ref, dtype) for o in outs)
+                    cross += int(not torch.equal(outs[0].view(int_view[dtype]),
+                                                 outs[1].view(int_view[dtype])))
+                results.append(dict(op="all_reduce", bytes=nbytes, dtype=str(dtype),
+                                    algorithm=algo, bad_elements=bad,
+                                    cross_rank_mismatches=cross, ok=bad == 0 and cross == 0))
+                print(json.dumps(results[-1]), flush=True)
+                bad_total += not results[-1]["ok"]
+    # ---------------------------------------------------------------- TP Q/K norm
+    t, qc, kc = 8, 3072, 512  # one rank of MiniMax-M2 at TP=2 (q 6144, k 1024 columns in all)
+    for dtype in (torch.float32, torch.bfloat16):
+        bad = 0
+        for _ in range(max(4, args.iters // 5)):
+            qkvs = [rand((t, qc + 2 * kc), dtype) for _ in dms]
+            qws = [rand((qc,), dtype) for _ in dms]
+            kws = [rand((kc,), dtype) for _ in dms]
+            ssq = sum(p[:, :qc].float().pow(2).sum(-1) for p in qkvs)
+            ssk = sum(p[:, qc:qc + kc].float().pow(2).sum(-1) for p in qkvs)
+            outs = [(torch.full((t, qc), float("nan"), dtype=dtype, device=dev),
+                     torch.full((t, kc), float("nan"), dtype=dtype, device=dev)) for _ in dms]
+            both(lambda j, dm: dm.qk_rms_norm(qkvs[j][:, :qc], qkvs[j][:, qc:qc + kc], qws[j],
+                                              kws[j], EPS, q_out=outs[j][0], k_out=outs[j][1]))
+            for j in (0, 1):  # (each rank normalises its own shard: no cross-rank equality)
+                rq = (qkvs[j][:, :qc].float() * torch.rsqrt(ssq / (2 * qc) + EPS)[:, None]
+                      * qws[j].float())
+                rk = (qkvs[j][:, qc:qc + kc].float() * torch.rsqrt(ssk / (2 * kc) + EPS)[:, None]
+                      * kws[j].float())
+                bad += _mismatch(outs[j][0], rq, dtype) + _mismatch(outs[j][1], rk, dtype)
+        results.append(dict(op="qk_rms_norm", dtype=str(dtype), tokens=t, q_cols=qc, k_cols=kc,
+                            bad_elements=bad, ok=bad == 0))
+        print(json.dumps(results[-1]), flush=True)
+        bad_total += not results[-1]["ok"]
+
+    # ---------------------------------------------------------------- fused norm
     for rowwide in (False, True):
         for dm in dms:
             dm.norm_rowwide = rowwide
